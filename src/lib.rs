@@ -1,0 +1,2 @@
+//! raftexample: a Rust port of etcd's `contrib/raftexample`.
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
