@@ -1,1 +1,9 @@
-//! Integration tests: one binary.
+//! Integration tests, in one binary (each extra test crate would relink tokio, axum, raft...).
+
+/// Shared helpers: polling with a deadline, an HTTP client, in-process and process clusters.
+mod support;
+
+/// The README flows on real `raftexample` processes.
+mod process_cluster;
+/// Ports of the Go raftexample tests, on in-process clusters wired by their channels.
+mod raftexample;

@@ -1,0 +1,183 @@
+//! Command-line flags (Go: the `flag` calls in `main.go`), and their checks.
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+use crate::raft_node::{self, Config};
+
+/// A replicated key-value store on raft, a Rust port of etcd's raftexample.
+///
+/// Node i of the cluster is the i-th URL of --cluster. Data lives in
+/// `<data-dir>/raftexample-<id>` (write-ahead log) and `<data-dir>/raftexample-<id>-snap`.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "raftexample", version)]
+pub struct Args {
+    /// Comma-separated raft URLs of the cluster's members; node i listens on the i-th.
+    #[arg(long, default_value = "http://127.0.0.1:9021")]
+    pub cluster: String,
+    /// This node's id: its 1-based position in --cluster.
+    #[arg(long, default_value_t = 1)]
+    pub id: u64,
+    /// Port of the key-value HTTP API (all interfaces).
+    #[arg(long, default_value_t = 9121)]
+    pub port: u16,
+    /// Join an existing cluster (add this node first with `POST /<id>` on a member).
+    #[arg(long)]
+    pub join: bool,
+    /// Directory holding raftexample-<id> and raftexample-<id>-snap (created if missing).
+    #[arg(long, default_value = ".")]
+    pub data_dir: PathBuf,
+    /// Take a snapshot and compact the log after this many applied entries.
+    #[arg(long, default_value_t = raft_node::DEFAULT_SNAPSHOT_COUNT)]
+    pub snapshot_count: u64,
+    /// Entries kept after a compaction so slow followers can catch up without a snapshot.
+    #[arg(long, default_value_t = raft_node::DEFAULT_SNAPSHOT_CATCHUP_ENTRIES)]
+    pub snapshot_catchup_entries: u64,
+    /// Log format on stderr; the level comes from RUST_LOG (default: info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// How logs are written.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Args {
+    /// The peer URLs of --cluster, checked.
+    pub fn peers(&self) -> Result<Vec<String>, String> {
+        let peers: Vec<String> = self
+            .cluster
+            .split(',')
+            .map(|s| s.trim().to_owned())
+            .collect();
+        for p in &peers {
+            host_port(p).map_err(|e| format!("--cluster: {e}"))?;
+        }
+        Ok(peers)
+    }
+
+    /// The raft node's configuration.
+    pub fn node_config(&self) -> Result<Config, String> {
+        let mut cfg = Config::new(self.id, self.peers()?);
+        cfg.join = self.join;
+        cfg.data_dir = self.data_dir.clone();
+        cfg.snapshot_count = self.snapshot_count;
+        cfg.snapshot_catchup_entries = self.snapshot_catchup_entries;
+        Ok(cfg)
+    }
+
+    /// Where this node's raft transport listens: the host and port of its URL in --cluster.
+    pub fn raft_listen_addr(&self) -> Result<String, String> {
+        let peers = self.peers()?;
+        let url = usize::try_from(self.id)
+            .ok()
+            .and_then(|id| id.checked_sub(1))
+            .and_then(|i| peers.get(i))
+            .ok_or_else(|| {
+                format!(
+                    "--id {} has no URL in --cluster ({} given): node i listens on the i-th URL",
+                    self.id,
+                    peers.len()
+                )
+            })?;
+        host_port(url)
+    }
+}
+
+/// The `host:port` of an `http://host:port` URL, or why it is not one.
+pub fn host_port(url: &str) -> Result<String, String> {
+    let uri: axum::http::Uri = url
+        .parse()
+        .map_err(|e| format!("{url:?} is not a URL ({e})"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some(s) => return Err(format!("{url:?}: scheme {s} is not supported, use http://")),
+        None => {
+            return Err(format!(
+                "{url:?} has no scheme; write it as http://host:port"
+            ));
+        }
+    }
+    let auth = uri
+        .authority()
+        .ok_or_else(|| format!("{url:?} has no host"))?;
+    let port = auth
+        .port_u16()
+        .ok_or_else(|| format!("{url:?} has no port; write it as http://host:port"))?;
+    Ok(format!("{}:{port}", auth.host()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("raftexample").chain(args.iter().copied()))
+            .expect("valid flags")
+    }
+
+    #[test]
+    fn defaults_are_the_go_originals() {
+        let a = parse(&[]);
+        assert_eq!((a.id, a.port, a.join), (1, 9121, false));
+        assert_eq!(a.peers().expect("ok"), vec!["http://127.0.0.1:9021"]);
+        assert_eq!(a.raft_listen_addr().expect("ok"), "127.0.0.1:9021");
+        let cfg = a.node_config().expect("ok");
+        assert_eq!(cfg.wal_dir(), PathBuf::from("./raftexample-1"));
+        assert_eq!(cfg.snap_dir(), PathBuf::from("./raftexample-1-snap"));
+        assert_eq!(
+            (cfg.snapshot_count, cfg.snapshot_catchup_entries),
+            (10_000, 10_000)
+        );
+    }
+
+    #[test]
+    fn every_flag_is_read() {
+        let a = parse(&[
+            "--id",
+            "2",
+            "--cluster",
+            "http://127.0.0.1:1,http://127.0.0.1:2",
+            "--port",
+            "8",
+            "--join",
+            "--data-dir",
+            "/tmp/x",
+            "--snapshot-count",
+            "5",
+            "--snapshot-catchup-entries",
+            "3",
+            "--log-format",
+            "json",
+        ]);
+        assert_eq!(a.raft_listen_addr().expect("ok"), "127.0.0.1:2");
+        let cfg = a.node_config().expect("ok");
+        assert_eq!(
+            (
+                cfg.id,
+                cfg.join,
+                cfg.snapshot_count,
+                cfg.snapshot_catchup_entries
+            ),
+            (2, true, 5, 3)
+        );
+        assert_eq!(cfg.wal_dir(), PathBuf::from("/tmp/x/raftexample-2"));
+        assert_eq!(a.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn bad_cluster_urls_are_explained() {
+        for bad in ["127.0.0.1:1", "http://127.0.0.1", "https://a:1", "http://"] {
+            let a = parse(&["--cluster", bad]);
+            assert!(a.peers().is_err(), "{bad}");
+        }
+        let a = parse(&["--id", "3", "--cluster", "http://127.0.0.1:1"]);
+        assert!(a.raft_listen_addr().expect_err("no URL").contains("--id 3"));
+    }
+}

@@ -1,0 +1,293 @@
+//! The key-value HTTP API (Go: `httpapi.go`).
+//!
+//! | request | effect | answer |
+//! |---|---|---|
+//! | `PUT /<key>`, body = value | propose `key = value` | 204 once proposed (not yet committed) |
+//! | `GET /<key>` | read the local map | 200 + value, or 404 |
+//! | `POST /<id>`, body = raft URL | propose adding node `id` | 204 once proposed |
+//! | `DELETE /<id>` | propose removing node `id` | 204 once proposed |
+//! | anything else | — | 405, `Allow: PUT, GET, POST, DELETE` |
+//!
+//! The key is the whole request URI, query string included, as in Go (`r.RequestURI`).
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use raft::eraftpb::{ConfChange, ConfChangeType};
+use tokio::sync::mpsc;
+
+use crate::kvstore::KvStore;
+
+/// The largest value (or URL) a request may carry. The Go original has no limit; an unbounded
+/// body would let one request exhaust memory, so larger ones get a 413.
+pub const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
+
+#[derive(Clone)]
+struct Api {
+    kvs: KvStore,
+    /// *confChangeC*: membership changes for the raft node.
+    conf_change_tx: mpsc::Sender<ConfChange>,
+}
+
+/// A request the API refuses, as a status code and a message for the client.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, format!("{}\n", self.1)).into_response()
+    }
+}
+
+fn stopped() -> ApiError {
+    ApiError(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the raft node has stopped; restart this node".into(),
+    )
+}
+
+/// The router for the key-value port. Every path is a key, so it is all one fallback handler.
+pub fn router(kvs: KvStore, conf_change_tx: mpsc::Sender<ConfChange>) -> Router {
+    Router::new().fallback(serve_kv).with_state(Api {
+        kvs,
+        conf_change_tx,
+    })
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then finishes in-flight requests.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn serve_kv(State(api): State<Api>, req: Request) -> Result<Response, ApiError> {
+    let key = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |pq| pq.as_str())
+        .to_owned();
+    let method = req.method().clone();
+    match method {
+        Method::PUT => {
+            let val = read_body(req.into_body()).await?;
+            api.kvs.propose(&key, &val).await.map_err(|_| stopped())?;
+            // Optimistic, as the Go original: the write is applied once it commits.
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+        Method::GET => match api.kvs.lookup(&key) {
+            Some(v) => Ok(v.into_response()),
+            None => Err(ApiError(StatusCode::NOT_FOUND, "Failed to GET".into())),
+        },
+        Method::POST => {
+            let node_id = parse_node_id(&key)?;
+            let body = read_body(req.into_body()).await?;
+            let url = parse_peer_url(&body)?;
+            let mut cc = ConfChange::default();
+            cc.set_change_type(ConfChangeType::AddNode);
+            cc.node_id = node_id;
+            cc.context = url.into_bytes().into();
+            send_conf_change(&api, cc).await
+        }
+        Method::DELETE => {
+            let node_id = parse_node_id(&key)?;
+            let mut cc = ConfChange::default();
+            cc.set_change_type(ConfChangeType::RemoveNode);
+            cc.node_id = node_id;
+            send_conf_change(&api, cc).await
+        }
+        _ => Ok((
+            StatusCode::METHOD_NOT_ALLOWED,
+            [(header::ALLOW, "PUT, GET, POST, DELETE")],
+            "Method not allowed\n",
+        )
+            .into_response()),
+    }
+}
+
+async fn send_conf_change(api: &Api, cc: ConfChange) -> Result<Response, ApiError> {
+    api.conf_change_tx.send(cc).await.map_err(|_| stopped())?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn read_body(body: Body) -> Result<bytes::Bytes, ApiError> {
+    axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|e| {
+            // `to_bytes` reports the limit as a `LengthLimitError` somewhere in the chain.
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if too_large {
+                ApiError(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("request body larger than {MAX_BODY_BYTES} bytes"),
+                )
+            } else {
+                ApiError(
+                    StatusCode::BAD_REQUEST,
+                    format!("failed to read the body: {e}"),
+                )
+            }
+        })
+}
+
+/// Parses the node id of `POST /<id>` and `DELETE /<id>` as Go's `strconv.ParseUint(s, 0, 64)`
+/// does: decimal, or `0x` hex, `0o`/leading-`0` octal, `0b` binary.
+pub fn parse_node_id(key: &str) -> Result<u64, ApiError> {
+    let s = key.strip_prefix('/').unwrap_or(key);
+    let bad = |why: &str| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("Failed on {key}: {why}; the path must be a node id, e.g. /4"),
+        )
+    };
+    let lower = s.to_ascii_lowercase();
+    let parsed = if let Some(h) = lower.strip_prefix("0x") {
+        u64::from_str_radix(h, 16)
+    } else if let Some(o) = lower.strip_prefix("0o") {
+        u64::from_str_radix(o, 8)
+    } else if let Some(b) = lower.strip_prefix("0b") {
+        u64::from_str_radix(b, 2)
+    } else if lower.len() > 1 && lower.starts_with('0') {
+        u64::from_str_radix(&lower[1..], 8)
+    } else {
+        lower.parse::<u64>()
+    };
+    match parsed {
+        Ok(0) => Err(bad("node id 0 is reserved")),
+        Ok(id) => Ok(id),
+        Err(e) => Err(bad(&format!("not a node id ({e})"))),
+    }
+}
+
+/// Checks the body of `POST /<id>`: the new member's raft URL, `http://host:port`.
+pub fn parse_peer_url(body: &[u8]) -> Result<String, ApiError> {
+    let bad = |why: String| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("{why}; the body must be the new node's raft URL, e.g. http://127.0.0.1:42379"),
+        )
+    };
+    let s = std::str::from_utf8(body)
+        .map_err(|_| bad("the body is not UTF-8".into()))?
+        .trim();
+    if s.is_empty() {
+        return Err(bad("empty body".into()));
+    }
+    crate::cli::host_port(s).map_err(bad)?;
+    Ok(s.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::Request as HttpRequest;
+    use tower::ServiceExt as _;
+
+    fn app() -> (
+        Router,
+        mpsc::Receiver<Vec<u8>>,
+        mpsc::Receiver<ConfChange>,
+        KvStore,
+    ) {
+        let (ptx, prx) = mpsc::channel(8);
+        let (ctx, crx) = mpsc::channel(8);
+        let kvs = KvStore::new(ptx);
+        (router(kvs.clone(), ctx), prx, crx, kvs)
+    }
+
+    async fn call(
+        r: &Router,
+        method: &str,
+        uri: &str,
+        body: &'static str,
+    ) -> (StatusCode, Response) {
+        let req = HttpRequest::builder()
+            .method(method)
+            .uri(uri)
+            .body(Body::from(body))
+            .expect("request");
+        let resp = r.clone().oneshot(req).await.expect("infallible");
+        (resp.status(), resp)
+    }
+
+    #[tokio::test]
+    async fn put_proposes_the_whole_uri_as_key() {
+        let (r, mut prx, _crx, _kvs) = app();
+        let (status, _) = call(&r, "PUT", "/my-key?x=1", "hello").await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        let proposed = prx.recv().await.expect("proposal");
+        assert_eq!(proposed, crate::kvstore::encode("/my-key?x=1", b"hello"));
+    }
+
+    #[tokio::test]
+    async fn get_of_a_missing_key_is_404() {
+        let (r, _p, _c, _kvs) = app();
+        assert_eq!(call(&r, "GET", "/nope", "").await.0, StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn other_methods_get_405_with_allow() {
+        let (r, _p, _c, _kvs) = app();
+        let (status, resp) = call(&r, "PATCH", "/k", "").await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(resp.headers()[header::ALLOW], "PUT, GET, POST, DELETE");
+    }
+
+    #[tokio::test]
+    async fn post_and_delete_propose_conf_changes() {
+        let (r, _p, mut crx, _kvs) = app();
+        let (status, _) = call(&r, "POST", "/4", "http://127.0.0.1:42379").await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        let cc = crx.recv().await.expect("cc");
+        assert_eq!(cc.get_change_type(), ConfChangeType::AddNode);
+        assert_eq!(
+            (cc.node_id, &cc.context[..]),
+            (4, &b"http://127.0.0.1:42379"[..])
+        );
+        assert_eq!(
+            call(&r, "DELETE", "/0x3", "").await.0,
+            StatusCode::NO_CONTENT
+        );
+        let cc = crx.recv().await.expect("cc");
+        assert_eq!(
+            (cc.get_change_type(), cc.node_id),
+            (ConfChangeType::RemoveNode, 3)
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_membership_requests_are_400() {
+        let (r, _p, _c, _kvs) = app();
+        for (m, uri, body) in [
+            ("POST", "/abc", "http://127.0.0.1:1"),
+            ("POST", "/0", "http://127.0.0.1:1"),
+            ("POST", "/4", ""),
+            ("POST", "/4", "not a url"),
+            ("DELETE", "/x", ""),
+            ("DELETE", "/", ""),
+        ] {
+            assert_eq!(
+                call(&r, m, uri, body).await.0,
+                StatusCode::BAD_REQUEST,
+                "{m} {uri} {body:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn node_ids_parse_like_go() {
+        assert_eq!(parse_node_id("/10").ok(), Some(10));
+        assert_eq!(parse_node_id("/0x10").ok(), Some(16));
+        assert_eq!(parse_node_id("/010").ok(), Some(8));
+        assert_eq!(parse_node_id("/0b11").ok(), Some(3));
+        assert!(parse_node_id("/-1").is_err());
+        assert!(parse_node_id("/18446744073709551616").is_err());
+    }
+}

@@ -1,0 +1,339 @@
+//! The Ready loop (Go: `serveChannels`). Read [`RaftNode::on_ready`] to see one batch of raft
+//! work go to disk, to the peers and to the key-value store.
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::sync::{Arc, RwLock};
+
+use raft::eraftpb::{ConfChange, ConfState, Entry, Message, MessageType};
+use raft::{RawNode, StateRole, Storage};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::storage::RaftStorage;
+use super::{Commit, Config, GetSnapshot, NodeError, Report, logger, replay};
+use crate::rafthttp::Transport;
+use crate::snap::Snapshotter;
+use crate::wal::Wal;
+
+/// How many proposals may wait for a leader before *proposeC* pushes back on the HTTP
+/// handlers (etcd's `node.Propose` blocks instead; this is the same back-pressure).
+const MAX_PENDING_PROPOSALS: usize = 4096;
+
+/// The channels the loop selects over; kept apart from [`RaftNode`] so the `select!` can borrow
+/// them while the handlers borrow the node.
+pub(super) struct Inputs {
+    pub propose_rx: mpsc::Receiver<Vec<u8>>,
+    pub conf_change_rx: mpsc::Receiver<ConfChange>,
+    pub mailbox_rx: mpsc::Receiver<Message>,
+    pub report_rx: mpsc::UnboundedReceiver<Report>,
+    pub stop: CancellationToken,
+}
+
+/// Whether the loop goes on after handling a batch of committed entries.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Flow {
+    Continue,
+    /// This node applied its own removal from the cluster.
+    Removed,
+}
+
+pub(super) struct RaftNode {
+    // --- configuration and identity
+    pub(super) cfg: Config,
+    // --- raft and what backs it
+    pub(super) node: RawNode<RaftStorage>,
+    pub(super) storage: RaftStorage,
+    pub(super) wal: Wal,
+    pub(super) snapshotter: Snapshotter,
+    // --- the other components
+    pub(super) transport: Transport,
+    /// *commitC*: committed entries and snapshots, in log order.
+    pub(super) commit_tx: mpsc::Sender<Commit>,
+    pub(super) get_snapshot: GetSnapshot,
+    // --- progress (Go: confState, snapshotIndex, appliedIndex)
+    pub(super) conf_state: ConfState,
+    pub(super) snapshot_index: u64,
+    pub(super) applied_index: u64,
+    /// Raft URL of every member this node knows, so snapshots can carry them to new nodes.
+    pub(super) members: BTreeMap<u64, String>,
+    /// Removed ids, shared with the transport's `is_id_removed`.
+    pub(super) removed: Arc<RwLock<HashSet<u64>>>,
+    // --- proposals waiting for a leader
+    pending_proposals: VecDeque<Vec<u8>>,
+    pending_conf_changes: VecDeque<ConfChange>,
+    conf_change_count: u64,
+}
+
+impl RaftNode {
+    /// Replays the stored state (or bootstraps) and builds the `RawNode` (Go: `startRaft`'s
+    /// first half).
+    pub(super) async fn new(
+        cfg: Config,
+        transport: Transport,
+        commit_tx: mpsc::Sender<Commit>,
+        get_snapshot: GetSnapshot,
+        removed: Arc<RwLock<HashSet<u64>>>,
+    ) -> Result<RaftNode, NodeError> {
+        let snapshotter = Snapshotter::new(cfg.snap_dir());
+        let replayed = replay::open_or_bootstrap(&cfg, &snapshotter)?;
+        let raft_cfg = raft::Config {
+            id: cfg.id,
+            election_tick: 10,
+            heartbeat_tick: 1,
+            max_size_per_msg: 1024 * 1024,
+            max_inflight_msgs: 256,
+            max_uncommitted_size: 1 << 30,
+            max_committed_size_per_ready: 1024 * 1024,
+            applied: 0,
+            ..Default::default()
+        };
+        let storage = replayed.storage;
+        let node = RawNode::new(&raft_cfg, storage.clone(), &logger::raft_logger(cfg.id))?;
+        let mut members: BTreeMap<u64, String> = cfg
+            .peers
+            .iter()
+            .enumerate()
+            .map(|(i, url)| (i as u64 + 1, url.clone()))
+            .collect();
+        let mut rn = RaftNode {
+            conf_state: storage.initial_state()?.conf_state,
+            snapshot_index: 0,
+            applied_index: 0,
+            members: BTreeMap::new(),
+            cfg,
+            node,
+            storage,
+            wal: replayed.wal,
+            snapshotter,
+            transport,
+            commit_tx,
+            get_snapshot,
+            removed,
+            pending_proposals: VecDeque::new(),
+            pending_conf_changes: VecDeque::new(),
+            conf_change_count: 0,
+        };
+        if let Some(snap) = replayed.snapshot {
+            rn.publish_snapshot(&snap).await?;
+        }
+        // Flag URLs fill in for members the snapshot (if any) did not name.
+        for (id, url) in std::mem::take(&mut rn.members) {
+            members.insert(id, url);
+        }
+        rn.members = members;
+        Ok(rn)
+    }
+
+    /// The loop: tick, take proposals and peer messages, handle every Ready, until stopped.
+    pub(super) async fn serve_channels(mut self, mut inputs: Inputs) -> Result<(), NodeError> {
+        let mut ticker = tokio::time::interval(self.cfg.tick_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let result = loop {
+            let room = self.pending_proposals.len() < MAX_PENDING_PROPOSALS;
+            tokio::select! {
+                biased;
+                _ = inputs.stop.cancelled() => break Ok(()),
+                _ = ticker.tick() => { self.node.tick(); }
+                m = inputs.mailbox_rx.recv() => {
+                    // The handle keeps a sender alive as long as the transport does.
+                    if let Some(m) = m { self.step(m); }
+                }
+                Some(r) = inputs.report_rx.recv() => self.report(r),
+                p = inputs.propose_rx.recv(), if room => match p {
+                    Some(p) => self.pending_proposals.push_back(p),
+                    // Every proposer is gone: the Go original's "close(proposeC)" shutdown.
+                    None => break Ok(()),
+                },
+                cc = inputs.conf_change_rx.recv() => match cc {
+                    Some(cc) => self.pending_conf_changes.push_back(cc),
+                    None => break Ok(()),
+                },
+            }
+            // Batch: take everything that arrived while the last Ready was being handled, so
+            // many proposals share one Ready, one WAL write and one fsync.
+            self.drain(&mut inputs);
+            self.propose_pending();
+            match self.handle_all_ready().await {
+                Ok(Flow::Continue) => {}
+                Ok(Flow::Removed) => {
+                    tracing::info!("I've been removed from the cluster! Shutting down.");
+                    break Ok(());
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        // Close the WAL cleanly (flushes and syncs what was buffered) whatever the reason.
+        let closed = self.wal.close().map_err(NodeError::from);
+        result.and(closed)
+    }
+
+    fn drain(&mut self, inputs: &mut Inputs) {
+        while let Ok(m) = inputs.mailbox_rx.try_recv() {
+            self.step(m);
+        }
+        while let Ok(r) = inputs.report_rx.try_recv() {
+            self.report(r);
+        }
+        while self.pending_proposals.len() < MAX_PENDING_PROPOSALS {
+            match inputs.propose_rx.try_recv() {
+                Ok(p) => self.pending_proposals.push_back(p),
+                Err(_) => break,
+            }
+        }
+        while let Ok(cc) = inputs.conf_change_rx.try_recv() {
+            self.pending_conf_changes.push_back(cc);
+        }
+    }
+
+    fn step(&mut self, m: Message) {
+        // raft-rs refuses local message types from the network and responses from unknown
+        // peers; etcd ignores both silently, and so do we (at debug level).
+        if let Err(e) = self.node.step(m) {
+            tracing::debug!("ignored a message from the network: {e}");
+        }
+    }
+
+    fn report(&mut self, r: Report) {
+        match r {
+            Report::Unreachable(id) => self.node.report_unreachable(id),
+            Report::Snapshot(id, status) => self.node.report_snapshot(id, status),
+        }
+    }
+
+    /// Whether raft would accept a proposal now. raft-rs *drops* a proposal made while no
+    /// leader is known, by a candidate, or during a leadership transfer (etcd would block), so
+    /// proposals wait in `pending_proposals` until this holds.
+    fn can_propose(&self) -> bool {
+        let r = &self.node.raft;
+        match r.state {
+            StateRole::Leader => r.lead_transferee.is_none(),
+            StateRole::Follower => r.leader_id != raft::INVALID_ID,
+            _ => false,
+        }
+    }
+
+    /// Proposes everything that waited, as ONE `MsgPropose` carrying all the entries: one step
+    /// through raft, one append, and on a follower one forwarded message to the leader.
+    fn propose_pending(&mut self) {
+        if !self.can_propose() {
+            return;
+        }
+        if !self.pending_proposals.is_empty() {
+            let entries: Vec<Entry> = self
+                .pending_proposals
+                .drain(..)
+                .map(|data| Entry {
+                    data: data.into(),
+                    ..Default::default()
+                })
+                .collect();
+            let n = entries.len();
+            let mut m = Message::default();
+            m.set_msg_type(MessageType::MsgPropose);
+            m.from = self.cfg.id;
+            m.set_entries(entries.into());
+            if let Err(e) = self.node.step(m) {
+                // Only the uncommitted-size limit (1 GiB not yet committed) gets here.
+                tracing::error!("raft dropped {n} proposal(s): {e}");
+            }
+        }
+        while let Some(mut cc) = self.pending_conf_changes.pop_front() {
+            self.conf_change_count += 1;
+            cc.id = self.conf_change_count;
+            if let Err(e) = self.node.propose_conf_change(vec![], cc) {
+                tracing::error!("raft dropped a conf change: {e}");
+            }
+        }
+    }
+
+    async fn handle_all_ready(&mut self) -> Result<Flow, NodeError> {
+        while self.node.has_ready() {
+            if self.on_ready().await? == Flow::Removed {
+                return Ok(Flow::Removed);
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// One Ready, in the order raft-rs requires (its `lib.rs` guide, steps numbered the same).
+    /// Go saved to the WAL and only then sent every message; raft-rs lets the leader send its
+    /// `messages()` before the fsync (raft thesis 10.2.1), which overlaps the leader's disk
+    /// write with the followers' round trip. Followers' `persisted_messages()` (votes, append
+    /// acks) still go out only after the fsync.
+    async fn on_ready(&mut self) -> Result<Flow, NodeError> {
+        let mut rd = self.node.ready();
+
+        // 1. Leader messages may go out before this node's own write is durable.
+        if !rd.messages().is_empty() {
+            self.send(rd.take_messages());
+        }
+
+        // 2. A snapshot from the leader: its file and WAL record go to disk before anything
+        //    else of this Ready (etcd#10219), then it replaces the log and the store's state.
+        if !rd.snapshot().is_empty() {
+            let snap = rd.snapshot().clone();
+            self.save_snap(&snap)?;
+            self.storage.apply_snapshot(snap.clone())?;
+            self.publish_snapshot(&snap).await?;
+        }
+
+        // 3. Hard state and new entries to the WAL: one write, one fsync if raft needs it.
+        let hs = rd.hs().cloned().unwrap_or_default();
+        self.wal.save(&hs, rd.entries())?;
+
+        // 4. ... and to the in-memory log that raft reads from.
+        self.storage.append(rd.entries(), rd.hs())?;
+
+        // 5. Votes and acks only now that what they promise is durable.
+        if !rd.persisted_messages().is_empty() {
+            self.send(rd.take_persisted_messages());
+        }
+
+        // 6. Committed entries to the key-value store.
+        let committed = rd.take_committed_entries();
+        let (flow, mut apply_done) = self.publish_entries(committed).await?;
+        if flow == Flow::Removed {
+            return Ok(flow);
+        }
+
+        // 7. Tell raft this Ready is handled.
+        let mut light = self.node.advance(rd);
+
+        // 8. A commit index learnt from our own append (always, on a single node) must reach
+        //    the WAL before a snapshot can cover it, or a restart finds a snapshot beyond the
+        //    persisted commit. Commit-only: written now, made durable by the next fsync.
+        if let Some(commit) = light.commit_index() {
+            self.storage.set_commit(commit);
+            self.wal.save(&self.node.raft.hard_state(), &[])?;
+        }
+
+        // 9. What became sendable and committed after the advance.
+        if !light.messages().is_empty() {
+            self.send(light.take_messages());
+        }
+        let (flow, more_done) = self.publish_entries(light.take_committed_entries()).await?;
+        if more_done.is_some() {
+            apply_done = more_done;
+        }
+        if flow == Flow::Removed {
+            return Ok(flow);
+        }
+        self.node.advance_apply();
+
+        // 10. Snapshot and compact once enough is applied, after the store really applied it.
+        self.maybe_trigger_snapshot(apply_done).await?;
+        Ok(Flow::Continue)
+    }
+
+    /// Sends to peers through the transport, fixing up snapshots first.
+    fn send(&self, msgs: Vec<Message>) {
+        self.transport
+            .send(super::process_messages(msgs, &self.conf_state));
+    }
+
+    /// Whether this node currently leads (for logs and tests).
+    #[allow(dead_code)]
+    pub(super) fn is_leader(&self) -> bool {
+        self.node.raft.state == StateRole::Leader
+    }
+}
