@@ -34,6 +34,10 @@ pub struct Args {
     /// Entries kept after a compaction so slow followers can catch up without a snapshot.
     #[arg(long, default_value_t = raft_node::DEFAULT_SNAPSHOT_CATCHUP_ENTRIES)]
     pub snapshot_catchup_entries: u64,
+    /// How long a linearizable request (header `X-Linearizable: true`) may wait for a quorum
+    /// before it gets a 503, e.g. 5s, 500ms.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub request_timeout: std::time::Duration,
     /// Log format on stderr; the level comes from RUST_LOG (default: info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -88,6 +92,28 @@ impl Args {
             })?;
         host_port(url)
     }
+}
+
+/// Parses `5s`, `500ms`, `2m` or a plain number of seconds.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration; write e.g. 5s or 500ms"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?}; use ms, s or m")),
+    };
+    if !(secs > 0.0 && secs.is_finite()) {
+        return Err(format!("{s:?} must be a positive duration"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
 }
 
 /// The `host:port` of an `http://host:port` URL, or why it is not one.
@@ -169,6 +195,18 @@ mod tests {
         );
         assert_eq!(cfg.wal_dir(), PathBuf::from("/tmp/x/raftexample-2"));
         assert_eq!(a.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(
+            parse_duration("2m"),
+            Ok(std::time::Duration::from_secs(120))
+        );
+        assert_eq!(parse_duration("3"), Ok(std::time::Duration::from_secs(3)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("x").is_err());
     }
 
     #[test]

@@ -9,6 +9,11 @@
 //! | anything else | — | 405, `Allow: PUT, GET, POST, DELETE` |
 //!
 //! The key is the whole request URI, query string included, as in Go (`r.RequestURI`).
+//!
+//! Beyond the Go original, a request with the header `X-Linearizable: true` is linearizable: a
+//! PUT answers only once its entry is committed and applied on this node, a GET only after a
+//! raft ReadIndex round confirmed this node is up to date. Without a quorum the answer is 503
+//! after the request timeout. (A header, because the whole URI is the key.)
 
 use axum::Router;
 use axum::body::Body;
@@ -18,17 +23,24 @@ use axum::response::{IntoResponse, Response};
 use raft::eraftpb::{ConfChange, ConfChangeType};
 use tokio::sync::mpsc;
 
-use crate::kvstore::KvStore;
+use std::time::Duration;
+
+use crate::kvstore::{KvStore, LinearizableError};
 
 /// The largest value (or URL) a request may carry. The Go original has no limit; an unbounded
 /// body would let one request exhaust memory, so larger ones get a 413.
 pub const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
+
+/// The header that makes a request linearizable.
+pub const LINEARIZABLE_HEADER: &str = "x-linearizable";
 
 #[derive(Clone)]
 struct Api {
     kvs: KvStore,
     /// *confChangeC*: membership changes for the raft node.
     conf_change_tx: mpsc::Sender<ConfChange>,
+    /// How long a linearizable request may wait for a quorum.
+    request_timeout: Duration,
 }
 
 /// A request the API refuses, as a status code and a message for the client.
@@ -49,10 +61,15 @@ fn stopped() -> ApiError {
 }
 
 /// The router for the key-value port. Every path is a key, so it is all one fallback handler.
-pub fn router(kvs: KvStore, conf_change_tx: mpsc::Sender<ConfChange>) -> Router {
+pub fn router(
+    kvs: KvStore,
+    conf_change_tx: mpsc::Sender<ConfChange>,
+    request_timeout: Duration,
+) -> Router {
     Router::new().fallback(serve_kv).with_state(Api {
         kvs,
         conf_change_tx,
+        request_timeout,
     })
 }
 
@@ -67,7 +84,33 @@ pub async fn serve(
         .await
 }
 
-async fn serve_kv(State(api): State<Api>, req: Request) -> Result<Response, ApiError> {
+async fn serve_kv(State(api): State<Api>, req: Request) -> Response {
+    let method = req.method().clone();
+    let resp = handle(api, req).await.into_response();
+    crate::metrics::HTTP_REQUESTS
+        .with_label_values(&[method.as_str(), resp.status().as_str()])
+        .inc();
+    resp
+}
+
+fn linearizable(req: &Request) -> Result<bool, ApiError> {
+    match req.headers().get(LINEARIZABLE_HEADER) {
+        None => Ok(false),
+        Some(v) if v.as_bytes().eq_ignore_ascii_case(b"true") => Ok(true),
+        Some(v) if v.as_bytes().eq_ignore_ascii_case(b"false") => Ok(false),
+        Some(_) => Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "X-Linearizable must be true or false".into(),
+        )),
+    }
+}
+
+fn unavailable(e: LinearizableError) -> ApiError {
+    ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+}
+
+async fn handle(api: Api, req: Request) -> Result<Response, ApiError> {
+    let linearizable = linearizable(&req)?;
     let key = req
         .uri()
         .path_and_query()
@@ -77,14 +120,31 @@ async fn serve_kv(State(api): State<Api>, req: Request) -> Result<Response, ApiE
     match method {
         Method::PUT => {
             let val = read_body(req.into_body()).await?;
-            api.kvs.propose(&key, &val).await.map_err(|_| stopped())?;
-            // Optimistic, as the Go original: the write is applied once it commits.
+            if linearizable {
+                api.kvs
+                    .propose_and_wait(&key, &val, api.request_timeout)
+                    .await
+                    .map_err(unavailable)?;
+            } else {
+                // Optimistic, as the Go original: the write is applied once it commits.
+                api.kvs.propose(&key, &val).await.map_err(|_| stopped())?;
+            }
             Ok(StatusCode::NO_CONTENT.into_response())
         }
-        Method::GET => match api.kvs.lookup(&key) {
-            Some(v) => Ok(v.into_response()),
-            None => Err(ApiError(StatusCode::NOT_FOUND, "Failed to GET".into())),
-        },
+        Method::GET => {
+            let found = if linearizable {
+                api.kvs
+                    .linearizable_lookup(&key, api.request_timeout)
+                    .await
+                    .map_err(unavailable)?
+            } else {
+                api.kvs.lookup(&key)
+            };
+            match found {
+                Some(v) => Ok(v.into_response()),
+                None => Err(ApiError(StatusCode::NOT_FOUND, "Failed to GET".into())),
+            }
+        }
         Method::POST => {
             let node_id = parse_node_id(&key)?;
             let body = read_body(req.into_body()).await?;
@@ -199,7 +259,12 @@ mod tests {
         let (ptx, prx) = mpsc::channel(8);
         let (ctx, crx) = mpsc::channel(8);
         let kvs = KvStore::new(ptx);
-        (router(kvs.clone(), ctx), prx, crx, kvs)
+        (
+            router(kvs.clone(), ctx, Duration::from_millis(100)),
+            prx,
+            crx,
+            kvs,
+        )
     }
 
     async fn call(
@@ -223,7 +288,7 @@ mod tests {
         let (status, _) = call(&r, "PUT", "/my-key?x=1", "hello").await;
         assert_eq!(status, StatusCode::NO_CONTENT);
         let proposed = prx.recv().await.expect("proposal");
-        assert_eq!(proposed, crate::kvstore::encode("/my-key?x=1", b"hello"));
+        assert_eq!(proposed, crate::kvstore::encode("/my-key?x=1", b"hello", 0));
     }
 
     #[tokio::test]
@@ -279,6 +344,28 @@ mod tests {
                 "{m} {uri} {body:?}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn linearizable_requests_without_a_quorum_are_503() {
+        let (r, _p, _c, _kvs) = app();
+        for method in ["PUT", "GET"] {
+            let req = HttpRequest::builder()
+                .method(method)
+                .uri("/k")
+                .header("X-Linearizable", "true")
+                .body(Body::from("v"))
+                .expect("request");
+            let resp = r.clone().oneshot(req).await.expect("infallible");
+            assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE, "{method}");
+        }
+        let req = HttpRequest::builder()
+            .uri("/k")
+            .header("X-Linearizable", "maybe")
+            .body(Body::empty())
+            .expect("request");
+        let resp = r.clone().oneshot(req).await.expect("infallible");
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
     }
 
     #[test]

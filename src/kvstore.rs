@@ -6,20 +6,24 @@
 //! a moment old, exactly as the Go original.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::raft_node::Commit;
 
-/// One proposal: the key (the full request URI) and its value (Go: `kv{Key, Val}`, gob).
+/// One proposal: the key (the full request URI) and its value (Go: `kv{Key, Val}`, gob), plus
+/// the id of a client waiting for it to apply (0: nobody waits, the Go original's behaviour).
 #[derive(Serialize, Deserialize, Debug, PartialEq)]
 struct Kv<'a> {
     key: &'a str,
     #[serde(with = "serde_bytes")]
     val: &'a [u8],
+    req: u64,
 }
 
 /// Why a commit could not be applied.
@@ -43,23 +47,69 @@ pub enum KvError {
 #[error("the raft node has stopped; restart this node")]
 pub struct Stopped;
 
-/// The map plus the way to change it. Cheap to clone: clones share the map and the channel.
+/// Why a linearizable request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LinearizableError {
+    /// The raft node is gone.
+    #[error(transparent)]
+    Stopped(#[from] Stopped),
+    /// No answer in time: no quorum, no leader, or the proposal was dropped.
+    #[error(
+        "not confirmed by a quorum within {0:?}; the cluster may have no leader or quorum \
+         (check GET /health on the raft port), retry later"
+    )]
+    Timeout(Duration),
+}
+
+/// *readIndexC*: a request for the cluster's commit index, confirmed by a quorum (raft's
+/// ReadIndex). The raft node answers on the sender; dropping it means "no answer".
+pub type ReadIndexRequest = oneshot::Sender<u64>;
+
+/// The map plus the way to change it. Cheap to clone: clones share everything.
 #[derive(Clone)]
 pub struct KvStore {
     /// *proposeC*: serialized pairs for the raft node.
     propose_tx: mpsc::Sender<Vec<u8>>,
+    /// *readIndexC*: ReadIndex requests for linearizable reads (None: not wired, as in tests
+    /// that only need the Go original's behaviour).
+    read_index_tx: Option<mpsc::Sender<ReadIndexRequest>>,
     /// A std lock, not tokio's: it is never held across an `.await`, and reads are short.
     map: Arc<RwLock<HashMap<String, Bytes>>>,
+    /// Raft index of the last applied commit; linearizable reads wait for it.
+    applied: Arc<watch::Sender<u64>>,
+    /// Clients waiting for their write to apply, by request id.
+    waiters: Arc<Mutex<HashMap<u64, oneshot::Sender<()>>>>,
+    /// The next request id; starts from the clock so ids differ across nodes and restarts.
+    next_req: Arc<AtomicU64>,
 }
 
 impl KvStore {
     /// An empty store that proposes into `propose_tx`. The raft node fills it through
     /// [`KvStore::read_commits`], starting with its snapshot if it has one.
     pub fn new(propose_tx: mpsc::Sender<Vec<u8>>) -> KvStore {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+            | 1;
         KvStore {
             propose_tx,
+            read_index_tx: None,
             map: Arc::default(),
+            applied: Arc::new(watch::channel(0).0),
+            waiters: Arc::default(),
+            next_req: Arc::new(AtomicU64::new(seed)),
         }
+    }
+
+    /// Enables linearizable reads through the raft node's ReadIndex channel.
+    pub fn with_read_index(mut self, read_index_tx: mpsc::Sender<ReadIndexRequest>) -> KvStore {
+        self.read_index_tx = Some(read_index_tx);
+        self
+    }
+
+    /// Raft index of the last applied commit.
+    pub fn applied_index(&self) -> u64 {
+        *self.applied.borrow()
     }
 
     /// The committed value of `key`, if any.
@@ -81,9 +131,69 @@ impl KvStore {
     /// (it waits while the node's queue is full); the write is applied when it commits.
     pub async fn propose(&self, key: &str, val: &[u8]) -> Result<(), Stopped> {
         self.propose_tx
-            .send(encode(key, val))
+            .send(encode(key, val, 0))
             .await
             .map_err(|_| Stopped)
+    }
+
+    /// Proposes `key = val` and returns once it is committed and applied here, so the write is
+    /// durable on a quorum and visible to every later linearizable read.
+    ///
+    /// # Errors
+    ///
+    /// [`LinearizableError::Timeout`] if that did not happen within `timeout` (no quorum, or
+    /// raft dropped the proposal): the write may or may not take effect later.
+    pub async fn propose_and_wait(
+        &self,
+        key: &str,
+        val: &[u8],
+        timeout: Duration,
+    ) -> Result<(), LinearizableError> {
+        let req = self.next_req.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.lock_waiters().insert(req, tx);
+        let outcome = tokio::time::timeout(timeout, async {
+            self.propose_tx
+                .send(encode(key, val, req))
+                .await
+                .map_err(|_| Stopped)?;
+            rx.await.map_err(|_| Stopped)
+        })
+        .await;
+        match outcome {
+            Ok(r) => Ok(r?),
+            Err(_) => {
+                self.lock_waiters().remove(&req);
+                Err(LinearizableError::Timeout(timeout))
+            }
+        }
+    }
+
+    /// Reads `key` after a quorum confirmed this node's view is current: the raft node obtains
+    /// the commit index through ReadIndex, and the read waits until that index is applied here.
+    /// Works on followers too.
+    pub async fn linearizable_lookup(
+        &self,
+        key: &str,
+        timeout: Duration,
+    ) -> Result<Option<Bytes>, LinearizableError> {
+        let Some(read_index_tx) = &self.read_index_tx else {
+            return Err(Stopped.into());
+        };
+        let mut applied = self.applied.subscribe();
+        tokio::time::timeout(timeout, async {
+            let (tx, rx) = oneshot::channel();
+            read_index_tx.send(tx).await.map_err(|_| Stopped)?;
+            let index = rx.await.map_err(|_| Stopped)?;
+            applied
+                .wait_for(|&a| a >= index)
+                .await
+                .map_err(|_| Stopped)?;
+            Ok::<_, LinearizableError>(())
+        })
+        .await
+        .map_err(|_| LinearizableError::Timeout(timeout))??;
+        Ok(self.lookup(key))
     }
 
     /// Applies commits until the raft node closes *commitC* (Go: `readCommits`).
@@ -95,12 +205,18 @@ impl KvStore {
     pub async fn read_commits(self, mut commit_rx: mpsc::Receiver<Commit>) -> Result<(), KvError> {
         while let Some(commit) = commit_rx.recv().await {
             match commit {
-                Commit::Snapshot(data) => {
+                Commit::Snapshot { data, index } => {
                     self.recover_from_snapshot(&data)?;
-                    tracing::info!(keys = self.len(), "loaded a snapshot");
+                    self.applied.send_replace(index);
+                    tracing::info!(keys = self.len(), index, "loaded a snapshot");
                 }
-                Commit::Entries { data, apply_done } => {
+                Commit::Entries {
+                    data,
+                    index,
+                    apply_done,
+                } => {
                     self.apply(&data)?;
+                    self.applied.send_replace(index);
                     // The raft node may not be waiting; that's fine.
                     let _ = apply_done.send(());
                 }
@@ -112,15 +228,30 @@ impl KvStore {
     fn apply(&self, batch: &[Bytes]) -> Result<(), KvError> {
         // Decode first, then take the write lock once for the whole batch.
         let mut pairs = Vec::with_capacity(batch.len());
+        let mut waited = Vec::new();
         for (position, data) in batch.iter().enumerate() {
             let kv: Kv<'_> = bincode::deserialize(data)
                 .map_err(|source| KvError::BadEntry { position, source })?;
+            if kv.req != 0 {
+                waited.push(kv.req);
+            }
             // The value keeps pointing into the entry's buffer: no copy.
             pairs.push((kv.key.to_owned(), data.slice_ref(kv.val)));
         }
-        let mut map = self.write();
-        for (k, v) in pairs {
-            map.insert(k, v);
+        {
+            let mut map = self.write();
+            for (k, v) in pairs {
+                map.insert(k, v);
+            }
+        }
+        // Wake the writers after the map changed, so their next read sees their write.
+        if !waited.is_empty() {
+            let mut waiters = self.lock_waiters();
+            for req in waited {
+                if let Some(w) = waiters.remove(&req) {
+                    let _ = w.send(());
+                }
+            }
         }
         Ok(())
     }
@@ -153,6 +284,10 @@ impl KvStore {
     fn write(&self) -> RwLockWriteGuard<'_, HashMap<String, Bytes>> {
         self.map.write().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn lock_waiters(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<()>>> {
+        self.waiters.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 #[derive(Serialize)]
@@ -178,16 +313,15 @@ mod bytes_map {
     }
 }
 
-/// The bytes of one proposal.
-pub fn encode(key: &str, val: &[u8]) -> Vec<u8> {
-    bincode::serialize(&Kv { key, val })
+/// The bytes of one proposal; `req` is the id of a waiting client, or 0.
+pub fn encode(key: &str, val: &[u8], req: u64) -> Vec<u8> {
+    bincode::serialize(&Kv { key, val, req })
         .expect("invariant: serializing a string and bytes into memory cannot fail")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::sync::oneshot;
 
     #[tokio::test]
     async fn commits_are_applied_in_order_and_acknowledged() {
@@ -197,13 +331,14 @@ mod tests {
         let task = tokio::spawn(kvs.clone().read_commits(commit_rx));
         let (done_tx, done_rx) = oneshot::channel();
         let data = vec![
-            Bytes::from(encode("/a", b"1")),
-            Bytes::from(encode("/a", b"2")),
-            Bytes::from(encode("/b", b"")),
+            Bytes::from(encode("/a", b"1", 0)),
+            Bytes::from(encode("/a", b"2", 0)),
+            Bytes::from(encode("/b", b"", 0)),
         ];
         commit_tx
             .send(Commit::Entries {
                 data,
+                index: 7,
                 apply_done: done_tx,
             })
             .await
@@ -212,8 +347,49 @@ mod tests {
         assert_eq!(kvs.lookup("/a").as_deref(), Some(&b"2"[..]));
         assert_eq!(kvs.lookup("/b").as_deref(), Some(&b""[..]));
         assert_eq!(kvs.lookup("/c"), None);
+        assert_eq!(kvs.applied_index(), 7);
         drop(commit_tx);
         task.await.expect("join").expect("clean end");
+    }
+
+    /// A linearizable write returns once applied; one never applied times out.
+    #[tokio::test]
+    async fn propose_and_wait_returns_when_applied() {
+        let (ptx, mut prx) = mpsc::channel(4);
+        let kvs = KvStore::new(ptx);
+        let (commit_tx, commit_rx) = mpsc::channel(4);
+        tokio::spawn(kvs.clone().read_commits(commit_rx));
+        // A fake raft node: commits whatever is proposed.
+        tokio::spawn(async move {
+            while let Some(p) = prx.recv().await {
+                let (apply_done, _) = oneshot::channel();
+                let data = vec![Bytes::from(p)];
+                if commit_tx
+                    .send(Commit::Entries {
+                        data,
+                        index: 1,
+                        apply_done,
+                    })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        kvs.propose_and_wait("/k", b"v", Duration::from_secs(10))
+            .await
+            .expect("applied");
+        assert_eq!(kvs.lookup("/k").as_deref(), Some(&b"v"[..]));
+
+        let (ptx, _prx) = mpsc::channel(4);
+        let lonely = KvStore::new(ptx);
+        let err = lonely
+            .propose_and_wait("/k", b"v", Duration::from_millis(50))
+            .await
+            .expect_err("nobody commits");
+        assert!(matches!(err, LinearizableError::Timeout(_)));
+        assert!(lonely.lock_waiters().is_empty(), "the waiter is cleaned up");
     }
 
     /// Port of Go's Test_kvstore_snapshot: the snapshot round-trips the map.
@@ -241,6 +417,7 @@ mod tests {
         commit_tx
             .send(Commit::Entries {
                 data: vec![Bytes::from_static(&[0xff; 3])],
+                index: 1,
                 apply_done: done_tx,
             })
             .await

@@ -33,6 +33,8 @@
 pub mod cli;
 pub mod httpapi;
 pub mod kvstore;
+pub mod metrics;
+pub mod ops;
 pub mod raft_node;
 pub mod rafthttp;
 pub mod snap;

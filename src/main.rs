@@ -1,12 +1,14 @@
-//! The `raftexample` binary: flags, then the wiring of `main.go`.
+//! The `raftexample` binary: flags, then the wiring of Go's `main.go`.
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use raftexample::cli::{Args, LogFormat};
+use raftexample::httpapi;
 use raftexample::kvstore::KvStore;
-use raftexample::{httpapi, raft_node};
+use raftexample::raft_node::{self, NodeInputs};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -38,58 +40,85 @@ async fn run(args: Args) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen for clients on port {}: {e}", args.port))?;
 
-    // The two input channels of the raft node (Go: proposeC, confChangeC).
+    // The input channels of the raft node: proposeC and confChangeC as in Go, and readIndexC
+    // for linearizable reads.
     let (propose_tx, propose_rx) = mpsc::channel(PROPOSE_QUEUE);
     let (conf_change_tx, conf_change_rx) = mpsc::channel(16);
+    let (read_index_tx, read_index_rx) = mpsc::channel(PROPOSE_QUEUE);
 
-    // The store exists before the node so the node can ask it for snapshots.
-    let kvs = KvStore::new(propose_tx);
+    // The store exists before the node so that the node can ask it for snapshots.
+    let kvs = KvStore::new(propose_tx).with_read_index(read_index_tx);
     let snapshot_source = kvs.clone();
     let node = raft_node::start(
         cfg,
         raft_listener,
-        propose_rx,
-        conf_change_rx,
+        NodeInputs {
+            propose_rx,
+            conf_change_rx,
+            read_index_rx,
+        },
         Box::new(move || snapshot_source.get_snapshot()),
     )
     .await
     .map_err(|e| e.to_string())?;
     let raft_node::RaftNodeHandle {
         commit_rx,
-        error_rx,
+        mut error_rx,
+        stop: stop_node,
         ..
     } = node;
-    let stop_node = CancellationToken::new();
 
     // commitC feeds the store.
     let mut applier = tokio::spawn(kvs.clone().read_commits(commit_rx));
 
     let http_stop = CancellationToken::new();
-    let http = tokio::spawn(httpapi::serve(
+    let mut http = tokio::spawn(httpapi::serve(
         kv_listener,
-        httpapi::router(kvs, conf_change_tx),
+        httpapi::router(kvs, conf_change_tx, args.request_timeout),
         http_stop.clone().cancelled_owned(),
     ));
     tracing::info!(port = args.port, raft = %raft_addr, "serving");
 
-    // Run until the node stops (error, or removed from the cluster) or a signal arrives.
-    let mut error_rx = error_rx;
+    // Run until the node stops by itself (an error, or removed from the cluster), or a signal.
     let outcome = tokio::select! {
-        r = &mut error_rx => r.unwrap_or(Ok(())).map_err(|e| e.to_string()),
-        r = &mut applier => match r {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(e) => Err(format!("the key-value store task failed: {e}")),
-        },
-        _ = shutdown_signal() => {
-            tracing::info!("signal received, shutting down");
-            stop_node.cancel();
-            Ok(())
+        r = &mut error_rx => return finish(r.unwrap_or(Ok(())).map_err(|e| e.to_string()), http_stop, http).await,
+        r = &mut applier => {
+            let e = match r {
+                Ok(Ok(())) => "the key-value store stopped".to_string(),
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => format!("the key-value store task failed: {e}"),
+            };
+            Err(e)
         }
+        _ = shutdown_signal() => Ok(()),
     };
-    let _ = stop_node;
+
+    // Graceful shutdown: stop taking requests and finish those in flight, then stop the node
+    // (a leader hands over leadership first), which closes the WAL. A second signal exits now.
+    tracing::info!("shutting down (a second signal exits immediately)");
+    tokio::spawn(async {
+        shutdown_signal().await;
+        eprintln!("raftexample: second signal, exiting now");
+        std::process::exit(1);
+    });
     http_stop.cancel();
-    let _ = http.await;
+    let _ = tokio::time::timeout(Duration::from_secs(3), &mut http).await;
+    stop_node.cancel();
+    let stopped = tokio::time::timeout(Duration::from_secs(10), error_rx)
+        .await
+        .map_err(|_| "the raft node did not stop within 10 s".to_string())?
+        .unwrap_or(Ok(()));
+    outcome.and(stopped.map_err(|e| e.to_string()))
+}
+
+/// The node stopped by itself: close the HTTP server too.
+async fn finish(
+    outcome: Result<(), String>,
+    http_stop: CancellationToken,
+    http: tokio::task::JoinHandle<std::io::Result<()>>,
+) -> Result<(), String> {
+    http_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(3), http).await;
     outcome
 }
 

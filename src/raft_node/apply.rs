@@ -99,16 +99,20 @@ impl RaftNode {
                 }
             }
         }
+        crate::metrics::ENTRIES_COMMITTED.inc_by(data.len() as u64);
         // After the loop, as Go: the applied index moves before the store has applied, which
         // is why snapshots wait for `apply_done`.
         self.applied_index = last;
-        let mut done = None;
-        if !data.is_empty() {
-            let (apply_done, rx) = oneshot::channel();
-            self.publish(Commit::Entries { data, apply_done }).await?;
-            done = Some(rx);
-        }
-        Ok((flow, done))
+        // Published even without data, so the store's applied index (which linearizable reads
+        // wait on) also moves past no-ops and conf changes.
+        let (apply_done, rx) = oneshot::channel();
+        self.publish(Commit::Entries {
+            data,
+            index: last,
+            apply_done,
+        })
+        .await?;
+        Ok((flow, Some(rx)))
     }
 
     /// Applies one conf change; returns true if it removed this node.
@@ -166,8 +170,11 @@ impl RaftNode {
         self.conf_state = meta.get_conf_state().clone();
         self.snapshot_index = meta.index;
         self.applied_index = meta.index;
-        self.publish(Commit::Snapshot(Bytes::from(payload.kv)))
-            .await
+        self.publish(Commit::Snapshot {
+            data: Bytes::from(payload.kv),
+            index: meta.index,
+        })
+        .await
     }
 
     async fn publish(&self, commit: Commit) -> Result<(), NodeError> {
@@ -226,6 +233,7 @@ impl RaftNode {
         meta.set_conf_state(self.conf_state.clone());
         self.save_snap(&snap)?;
         self.storage.set_latest_snapshot(snap);
+        crate::metrics::SNAPSHOTS_TAKEN.inc();
 
         let compact_index = applied
             .saturating_sub(self.cfg.snapshot_catchup_entries)

@@ -24,6 +24,7 @@
 mod apply;
 mod logger;
 mod node;
+mod read_index;
 mod replay;
 pub mod storage;
 
@@ -35,9 +36,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use raft::SnapshotStatus;
 use raft::eraftpb::{ConfChange, Message};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::kvstore::ReadIndexRequest;
+use crate::ops::{self, NodeStatus};
 use crate::rafthttp::{self, ProcessError, Transport, TransportConfig};
 use crate::snap::SnapError;
 use crate::wal::WalError;
@@ -123,13 +126,21 @@ pub enum Commit {
     /// applied; the node waits for it before taking a snapshot, so a snapshot never misses an
     /// entry it claims to contain (etcd#12714).
     Entries {
-        /// The proposals, as given to *proposeC*.
+        /// The proposals, as given to *proposeC* (may be empty when only no-ops or conf
+        /// changes committed: the index still moves).
         data: Vec<Bytes>,
+        /// Raft index of the last entry of the batch: the store's applied index once applied.
+        index: u64,
         /// Signalled (or dropped) once `data` is applied.
         apply_done: oneshot::Sender<()>,
     },
     /// Replace the whole state with this snapshot (the store's own serialization).
-    Snapshot(Bytes),
+    Snapshot {
+        /// The store's serialization, from its `get_snapshot`.
+        data: Bytes,
+        /// Raft index the snapshot covers.
+        index: u64,
+    },
 }
 
 /// Serializes the key-value store for a snapshot; called on the raft thread once every
@@ -177,11 +188,16 @@ pub struct RaftNodeHandle {
     pub error_rx: oneshot::Receiver<Result<(), NodeError>>,
     /// The raft transport, for callers that want peer information.
     pub transport: Transport,
-    stop: CancellationToken,
+    /// The node's state after its latest turn (also served on `/status`).
+    pub status: watch::Receiver<NodeStatus>,
+    /// Cancel to stop the node (see [`RaftNodeHandle::stop`]).
+    pub stop: CancellationToken,
 }
 
 impl RaftNodeHandle {
-    /// Asks the node to stop; await `error_rx` to know it has.
+    /// Asks the node to stop; await `error_rx` to know it has. A leader first hands its
+    /// leadership to the most up-to-date follower, so the cluster does not wait an election
+    /// timeout for a new leader.
     pub fn stop(&self) {
         self.stop.cancel();
     }
@@ -233,8 +249,19 @@ impl rafthttp::Raft for NodeHandle {
     }
 }
 
+/// The node's input channels: *proposeC*, *confChangeC* and *readIndexC*.
+pub struct NodeInputs {
+    /// Serialized key-value pairs to propose. Dropping every sender stops the node.
+    pub propose_rx: mpsc::Receiver<Vec<u8>>,
+    /// Membership changes to propose.
+    pub conf_change_rx: mpsc::Receiver<ConfChange>,
+    /// ReadIndex requests for linearizable reads.
+    pub read_index_rx: mpsc::Receiver<ReadIndexRequest>,
+}
+
 /// Starts the raft node: replays its snapshot and WAL (or bootstraps a new cluster), serves the
-/// raft transport on `raft_listener`, and runs the Ready loop on its own thread.
+/// raft transport (and `/health`, `/status`, `/metrics`) on `raft_listener`, and runs the Ready
+/// loop on its own thread.
 ///
 /// Must be called inside the tokio runtime that serves HTTP (the transport's tasks run there).
 ///
@@ -245,8 +272,7 @@ impl rafthttp::Raft for NodeHandle {
 pub async fn start(
     cfg: Config,
     raft_listener: tokio::net::TcpListener,
-    propose_rx: mpsc::Receiver<Vec<u8>>,
-    conf_change_rx: mpsc::Receiver<ConfChange>,
+    inputs: NodeInputs,
     get_snapshot: GetSnapshot,
 ) -> Result<RaftNodeHandle, NodeError> {
     cfg.validate()?;
@@ -273,10 +299,16 @@ pub async fn start(
     }
 
     let stop = CancellationToken::new();
+    // Stops the raft listener once the loop has finished (a leader still talks to its peers
+    // while it hands over leadership).
+    let server_stop = CancellationToken::new();
+    let (status_tx, status_rx) = watch::channel(NodeStatus::default());
     let server = rafthttp::serve(
         raft_listener,
-        transport.handler(),
-        stop.clone().cancelled_owned(),
+        transport
+            .handler()
+            .merge(ops::router(status_rx.clone(), transport.clone())),
+        server_stop.clone().cancelled_owned(),
     );
     let id = cfg.id;
     tokio::spawn(async move {
@@ -289,6 +321,7 @@ pub async fn start(
     let (error_tx, error_rx) = oneshot::channel();
     let (init_tx, init_rx) = oneshot::channel();
     let loop_stop = stop.clone();
+    let loop_server_stop = server_stop.clone();
     let loop_transport = transport.clone();
     std::thread::Builder::new()
         .name(format!("raft-node-{id}"))
@@ -309,8 +342,9 @@ pub async fn start(
                 }
             };
             let inputs = node::Inputs {
-                propose_rx,
-                conf_change_rx,
+                propose_rx: inputs.propose_rx,
+                conf_change_rx: inputs.conf_change_rx,
+                read_index_rx: inputs.read_index_rx,
                 mailbox_rx,
                 report_rx,
                 stop: loop_stop.clone(),
@@ -323,6 +357,7 @@ pub async fn start(
                     commit_tx,
                     get_snapshot,
                     removed,
+                    status_tx,
                 )
                 .await
                 {
@@ -340,6 +375,7 @@ pub async fn start(
             // Whatever the reason, the transport and its server stop with the loop.
             loop_transport.stop();
             loop_stop.cancel();
+            loop_server_stop.cancel();
             if let Some(result) = result {
                 if let Err(e) = &result {
                     tracing::error!("raft node stopped: {e}");
@@ -357,14 +393,15 @@ pub async fn start(
             commit_rx,
             error_rx,
             transport,
+            status: status_rx,
             stop,
         }),
         Ok(Err(e)) => {
-            stop.cancel();
+            server_stop.cancel();
             Err(e)
         }
         Err(_) => {
-            stop.cancel();
+            server_stop.cancel();
             Err(NodeError::Config(
                 "the raft loop exited during start".into(),
             ))

@@ -6,11 +6,15 @@ use std::sync::{Arc, RwLock};
 
 use raft::eraftpb::{ConfChange, ConfState, Entry, Message, MessageType};
 use raft::{RawNode, StateRole, Storage};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::read_index::Reads;
 use super::storage::RaftStorage;
 use super::{Commit, Config, GetSnapshot, NodeError, Report, logger, replay};
+use crate::kvstore::ReadIndexRequest;
+use crate::metrics;
+use crate::ops::NodeStatus;
 use crate::rafthttp::Transport;
 use crate::snap::Snapshotter;
 use crate::wal::Wal;
@@ -24,6 +28,7 @@ const MAX_PENDING_PROPOSALS: usize = 4096;
 pub(super) struct Inputs {
     pub propose_rx: mpsc::Receiver<Vec<u8>>,
     pub conf_change_rx: mpsc::Receiver<ConfChange>,
+    pub read_index_rx: mpsc::Receiver<ReadIndexRequest>,
     pub mailbox_rx: mpsc::Receiver<Message>,
     pub report_rx: mpsc::UnboundedReceiver<Report>,
     pub stop: CancellationToken,
@@ -58,10 +63,14 @@ pub(super) struct RaftNode {
     pub(super) members: BTreeMap<u64, String>,
     /// Removed ids, shared with the transport's `is_id_removed`.
     pub(super) removed: Arc<RwLock<HashSet<u64>>>,
-    // --- proposals waiting for a leader
+    // --- proposals waiting for a leader, linearizable reads in progress
     pending_proposals: VecDeque<Vec<u8>>,
     pending_conf_changes: VecDeque<ConfChange>,
     conf_change_count: u64,
+    pub(super) reads: Reads,
+    // --- what the outside sees of the node
+    status_tx: watch::Sender<NodeStatus>,
+    last_leader: u64,
 }
 
 impl RaftNode {
@@ -73,6 +82,7 @@ impl RaftNode {
         commit_tx: mpsc::Sender<Commit>,
         get_snapshot: GetSnapshot,
         removed: Arc<RwLock<HashSet<u64>>>,
+        status_tx: watch::Sender<NodeStatus>,
     ) -> Result<RaftNode, NodeError> {
         let snapshotter = Snapshotter::new(cfg.snap_dir());
         let replayed = replay::open_or_bootstrap(&cfg, &snapshotter)?;
@@ -85,6 +95,12 @@ impl RaftNode {
             max_uncommitted_size: 1 << 30,
             max_committed_size_per_ready: 1024 * 1024,
             applied: 0,
+            // Not in raftexample, but what etcd's server does: a leader that cannot reach a
+            // quorum steps down within an election timeout (so `/health` stops reporting it
+            // healthy), and a node that was partitioned away does not disrupt the cluster
+            // with higher-term elections when it comes back.
+            check_quorum: true,
+            pre_vote: true,
             ..Default::default()
         };
         let storage = replayed.storage;
@@ -112,6 +128,9 @@ impl RaftNode {
             pending_proposals: VecDeque::new(),
             pending_conf_changes: VecDeque::new(),
             conf_change_count: 0,
+            reads: Reads::default(),
+            status_tx,
+            last_leader: 0,
         };
         if let Some(snap) = replayed.snapshot {
             rn.publish_snapshot(&snap).await?;
@@ -128,12 +147,27 @@ impl RaftNode {
     pub(super) async fn serve_channels(mut self, mut inputs: Inputs) -> Result<(), NodeError> {
         let mut ticker = tokio::time::interval(self.cfg.tick_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        // Set once asked to stop while leading: leadership is being handed over until then.
+        let mut stopping: Option<tokio::time::Instant> = None;
         let result = loop {
             let room = self.pending_proposals.len() < MAX_PENDING_PROPOSALS;
+            let deadline = stopping.unwrap_or_else(tokio::time::Instant::now);
             tokio::select! {
                 biased;
-                _ = inputs.stop.cancelled() => break Ok(()),
-                _ = ticker.tick() => { self.node.tick(); }
+                _ = inputs.stop.cancelled(), if stopping.is_none() => {
+                    match self.begin_leader_transfer() {
+                        Some(until) => stopping = Some(until),
+                        None => break Ok(()),
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline), if stopping.is_some() => {
+                    tracing::warn!("leadership transfer did not finish in time; stopping anyway");
+                    break Ok(());
+                }
+                _ = ticker.tick() => {
+                    self.node.tick();
+                    self.retry_reads();
+                }
                 m = inputs.mailbox_rx.recv() => {
                     // The handle keeps a sender alive as long as the transport does.
                     if let Some(m) = m { self.step(m); }
@@ -148,11 +182,13 @@ impl RaftNode {
                     Some(cc) => self.pending_conf_changes.push_back(cc),
                     None => break Ok(()),
                 },
+                Some(r) = inputs.read_index_rx.recv() => self.reads.push(r),
             }
             // Batch: take everything that arrived while the last Ready was being handled, so
             // many proposals share one Ready, one WAL write and one fsync.
             self.drain(&mut inputs);
             self.propose_pending();
+            self.request_reads();
             match self.handle_all_ready().await {
                 Ok(Flow::Continue) => {}
                 Ok(Flow::Removed) => {
@@ -161,10 +197,69 @@ impl RaftNode {
                 }
                 Err(e) => break Err(e),
             }
+            self.publish_status();
+            if stopping.is_some() && !self.is_leader() {
+                tracing::info!(leader = self.node.raft.leader_id, "leadership handed over");
+                break Ok(());
+            }
         };
         // Close the WAL cleanly (flushes and syncs what was buffered) whatever the reason.
         let closed = self.wal.close().map_err(NodeError::from);
         result.and(closed)
+    }
+
+    /// On a graceful stop, a leader hands leadership to its most up-to-date voter so the
+    /// cluster need not wait an election timeout. Returns how long to wait for it, or `None`
+    /// to stop right away (not leading, or no one to hand over to).
+    fn begin_leader_transfer(&mut self) -> Option<tokio::time::Instant> {
+        if !self.is_leader() {
+            return None;
+        }
+        let me = self.cfg.id;
+        let prs = self.node.raft.prs();
+        let voters: HashSet<u64> = prs.conf().voters().ids().iter().collect();
+        let target = prs
+            .iter()
+            .filter(|(id, _)| **id != me && voters.contains(id))
+            .max_by_key(|(_, pr)| pr.matched)
+            .map(|(id, _)| *id)?;
+        tracing::info!(to = target, "stopping: handing leadership over");
+        self.node.transfer_leader(target);
+        Some(tokio::time::Instant::now() + self.cfg.tick_interval * 20)
+    }
+
+    /// Publishes the node's state for `/status`, `/health` and the metrics.
+    fn publish_status(&mut self) {
+        let r = &self.node.raft;
+        if r.leader_id != self.last_leader {
+            self.last_leader = r.leader_id;
+            if r.leader_id != raft::INVALID_ID {
+                metrics::LEADER_CHANGES.inc();
+            }
+        }
+        metrics::IS_LEADER.set(i64::from(r.state == StateRole::Leader));
+        metrics::APPLIED_INDEX.set(self.applied_index as i64);
+        let status = NodeStatus {
+            id: self.cfg.id,
+            leader: r.leader_id,
+            term: r.term,
+            state: match r.state {
+                StateRole::Leader => "leader",
+                StateRole::Follower => "follower",
+                StateRole::Candidate => "candidate",
+                StateRole::PreCandidate => "pre-candidate",
+            },
+            commit: r.raft_log.committed,
+            applied: self.applied_index,
+            snapshot_index: self.snapshot_index,
+            wal_bytes: self.wal.size_on_disk(),
+            members: self.members.iter().map(|(k, v)| (*k, v.clone())).collect(),
+        };
+        self.status_tx.send_if_modified(|old| {
+            let changed = *old != status;
+            *old = status;
+            changed
+        });
     }
 
     fn drain(&mut self, inputs: &mut Inputs) {
@@ -182,6 +277,9 @@ impl RaftNode {
         }
         while let Ok(cc) = inputs.conf_change_rx.try_recv() {
             self.pending_conf_changes.push_back(cc);
+        }
+        while let Ok(r) = inputs.read_index_rx.try_recv() {
+            self.reads.push(r);
         }
     }
 
@@ -232,9 +330,13 @@ impl RaftNode {
             m.set_msg_type(MessageType::MsgPropose);
             m.from = self.cfg.id;
             m.set_entries(entries.into());
-            if let Err(e) = self.node.step(m) {
-                // Only the uncommitted-size limit (1 GiB not yet committed) gets here.
-                tracing::error!("raft dropped {n} proposal(s): {e}");
+            match self.node.step(m) {
+                Ok(()) => metrics::PROPOSALS_ACCEPTED.inc_by(n as u64),
+                Err(e) => {
+                    // Only the uncommitted-size limit (1 GiB not yet committed) gets here.
+                    metrics::PROPOSALS_DROPPED.inc_by(n as u64);
+                    tracing::error!("raft dropped {n} proposal(s): {e}");
+                }
             }
         }
         while let Some(mut cc) = self.pending_conf_changes.pop_front() {
@@ -263,6 +365,11 @@ impl RaftNode {
     async fn on_ready(&mut self) -> Result<Flow, NodeError> {
         let mut rd = self.node.ready();
 
+        // 0. Linearizable reads that a quorum confirmed.
+        if !rd.read_states().is_empty() {
+            self.answer_reads(rd.take_read_states());
+        }
+
         // 1. Leader messages may go out before this node's own write is durable.
         if !rd.messages().is_empty() {
             self.send(rd.take_messages());
@@ -275,11 +382,19 @@ impl RaftNode {
             self.save_snap(&snap)?;
             self.storage.apply_snapshot(snap.clone())?;
             self.publish_snapshot(&snap).await?;
+            metrics::SNAPSHOTS_RECEIVED.inc();
         }
 
         // 3. Hard state and new entries to the WAL: one write, one fsync if raft needs it.
         let hs = rd.hs().cloned().unwrap_or_default();
+        let started = std::time::Instant::now();
         self.wal.save(&hs, rd.entries())?;
+        if rd.must_sync() {
+            metrics::WAL_FSYNC_SECONDS.observe(started.elapsed().as_secs_f64());
+        }
+        if !rd.entries().is_empty() {
+            metrics::READY_ENTRIES.observe(rd.entries().len() as f64);
+        }
 
         // 4. ... and to the in-memory log that raft reads from.
         self.storage.append(rd.entries(), rd.hs())?;
@@ -331,8 +446,7 @@ impl RaftNode {
             .send(super::process_messages(msgs, &self.conf_state));
     }
 
-    /// Whether this node currently leads (for logs and tests).
-    #[allow(dead_code)]
+    /// Whether this node currently leads.
     pub(super) fn is_leader(&self) -> bool {
         self.node.raft.state == StateRole::Leader
     }

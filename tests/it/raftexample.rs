@@ -3,13 +3,13 @@
 use std::time::Duration;
 
 use raftexample::kvstore::KvStore;
-use raftexample::raft_node::Commit;
+use raftexample::raft_node::{Commit, NodeInputs};
 use raftexample::{httpapi, raft_node};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use crate::support::cluster::{Cluster, bind_peers, test_config};
-use crate::support::{http, init_tracing, wait_for_value};
+use crate::support::{http, http_with_headers, init_tracing, wait_for_value};
 
 /// Three nodes feed every commit they see back as a new proposal, 100 rounds each. A node
 /// blocked on proposing must not stop raft from making progress.
@@ -24,15 +24,21 @@ async fn propose_on_commit() {
         tokio::spawn(async move {
             // One message of feedback per node starts the game.
             let _ = ptx.send(b"foo".to_vec()).await;
-            for _ in 0..100 {
+            let mut rounds = 0;
+            while rounds < 100 {
                 match crx.recv().await {
-                    Some(Commit::Entries { data, apply_done }) => {
+                    // Batches without data (no-ops, conf changes) do not count, as in Go
+                    // where they are not published.
+                    Some(Commit::Entries {
+                        data, apply_done, ..
+                    }) if !data.is_empty() => {
                         let _ = apply_done.send(());
+                        rounds += 1;
                         if ptx.send(data[0].to_vec()).await.is_err() {
                             return;
                         }
                     }
-                    Some(Commit::Snapshot(_)) => {}
+                    Some(_) => {}
                     None => return,
                 }
             }
@@ -75,11 +81,20 @@ async fn close_proposer_inflight() {
         ptx.send(b"bar".to_vec()).await.expect("propose bar");
     });
     let crx = clus.nodes[0].commit_rx.as_mut().expect("commits");
-    let first = tokio::time::timeout(Duration::from_secs(20), crx.recv())
-        .await
-        .expect("a commit within 20 s");
+    let first = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match crx.recv().await {
+                Some(Commit::Entries { data, .. }) if data.is_empty() => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("a commit within 20 s");
     match first {
-        Some(Commit::Entries { data, apply_done }) => {
+        Some(Commit::Entries {
+            data, apply_done, ..
+        }) => {
             assert_eq!(&data[0][..], b"foo");
             let _ = apply_done.send(());
         }
@@ -95,15 +110,19 @@ async fn put_and_get_key_value() {
     init_tracing();
     let dir = tempfile::tempdir().expect("tempdir");
     let (mut listeners, peers) = bind_peers(1).await;
-    let (ptx, prx) = mpsc::channel(16);
-    let (ctx, crx) = mpsc::channel(16);
-    let kvs = KvStore::new(ptx);
+    let (ptx, propose_rx) = mpsc::channel(16);
+    let (ctx, conf_change_rx) = mpsc::channel(16);
+    let (rtx, read_index_rx) = mpsc::channel(16);
+    let kvs = KvStore::new(ptx).with_read_index(rtx);
     let snap_src = kvs.clone();
     let node = raft_node::start(
         test_config(1, &peers, dir.path()),
         listeners.remove(0),
-        prx,
-        crx,
+        NodeInputs {
+            propose_rx,
+            conf_change_rx,
+            read_index_rx,
+        },
         Box::new(move || snap_src.get_snapshot()),
     )
     .await
@@ -116,11 +135,22 @@ async fn put_and_get_key_value() {
     );
     tokio::spawn(httpapi::serve(
         kv_listener,
-        httpapi::router(kvs, ctx),
+        httpapi::router(kvs, ctx, Duration::from_secs(5)),
         std::future::pending(),
     ));
 
     let put = http("PUT", &url, b"test-value").await.expect("PUT");
     assert_eq!(put.status, 204);
     wait_for_value(&url, b"test-value", Duration::from_secs(20)).await;
+
+    // Beyond the Go original: linearizable writes and reads on the same node.
+    let lin = [("X-Linearizable", "true")];
+    let put = http_with_headers("PUT", &url, b"v2", &lin)
+        .await
+        .expect("PUT");
+    assert_eq!(put.status, 204, "{put:?}");
+    let get = http_with_headers("GET", &url, b"", &lin)
+        .await
+        .expect("GET");
+    assert_eq!((get.status, &get.body[..]), (200, &b"v2"[..]));
 }

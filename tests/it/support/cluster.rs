@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use raft::eraftpb::ConfChange;
-use raftexample::raft_node::{self, Commit, Config, NodeError};
+use raftexample::kvstore::ReadIndexRequest;
+use raftexample::raft_node::{self, Commit, Config, NodeError, NodeInputs};
 use tempfile::TempDir;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
@@ -15,8 +16,10 @@ pub struct Node {
     /// *proposeC*; `None` once closed.
     pub propose_tx: Option<mpsc::Sender<Vec<u8>>>,
     pub conf_change_tx: Option<mpsc::Sender<ConfChange>>,
+    pub read_index_tx: mpsc::Sender<ReadIndexRequest>,
     pub commit_rx: Option<mpsc::Receiver<Commit>>,
     pub error_rx: Option<oneshot::Receiver<Result<(), NodeError>>>,
+    pub handle_stop: tokio_util::sync::CancellationToken,
 }
 
 pub struct Cluster {
@@ -52,18 +55,26 @@ pub async fn start_node(
     listener: TcpListener,
     get_snapshot: raft_node::GetSnapshot,
 ) -> Node {
-    let (ptx, prx) = mpsc::channel(16);
-    let (ctx, crx) = mpsc::channel(16);
+    let (ptx, propose_rx) = mpsc::channel(16);
+    let (ctx, conf_change_rx) = mpsc::channel(16);
+    let (rtx, read_index_rx) = mpsc::channel(16);
     let id = cfg.id;
-    let h = raft_node::start(cfg, listener, prx, crx, get_snapshot)
+    let inputs = NodeInputs {
+        propose_rx,
+        conf_change_rx,
+        read_index_rx,
+    };
+    let h = raft_node::start(cfg, listener, inputs, get_snapshot)
         .await
         .expect("node starts");
     Node {
         id,
         propose_tx: Some(ptx),
         conf_change_tx: Some(ctx),
+        read_index_tx: rtx,
         commit_rx: Some(h.commit_rx),
         error_rx: Some(h.error_rx),
+        handle_stop: h.stop,
     }
 }
 
