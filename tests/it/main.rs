@@ -7,3 +7,5 @@ mod support;
 mod process_cluster;
 /// Ports of the Go raftexample tests, on in-process clusters wired by their channels.
 mod raftexample;
+/// The raft transport between real transports on loopback.
+mod rafthttp;
