@@ -21,11 +21,12 @@ use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use raft::eraftpb::{ConfChange, ConfChangeType};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use std::time::Duration;
 
 use crate::kvstore::{KvStore, LinearizableError};
+use crate::ops::NodeStatus;
 
 /// The largest value (or URL) a request may carry. The Go original has no limit; an unbounded
 /// body would let one request exhaust memory, so larger ones get a 413.
@@ -41,6 +42,8 @@ struct Api {
     conf_change_tx: mpsc::Sender<ConfChange>,
     /// How long a linearizable request may wait for a quorum.
     request_timeout: Duration,
+    /// The node's latest state, for membership checks (None in tests without a node).
+    status: Option<watch::Receiver<NodeStatus>>,
 }
 
 /// A request the API refuses, as a status code and a message for the client.
@@ -65,11 +68,13 @@ pub fn router(
     kvs: KvStore,
     conf_change_tx: mpsc::Sender<ConfChange>,
     request_timeout: Duration,
+    status: Option<watch::Receiver<NodeStatus>>,
 ) -> Router {
     Router::new().fallback(serve_kv).with_state(Api {
         kvs,
         conf_change_tx,
         request_timeout,
+        status,
     })
 }
 
@@ -149,6 +154,19 @@ async fn handle(api: Api, req: Request) -> Result<Response, ApiError> {
             let node_id = parse_node_id(&key)?;
             let body = read_body(req.into_body()).await?;
             let url = parse_peer_url(&body)?;
+            let removed = api
+                .status
+                .as_ref()
+                .is_some_and(|s| s.borrow().removed.contains(&node_id));
+            if removed {
+                return Err(ApiError(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "node {node_id} was removed from this cluster and its id cannot be \
+                         reused; add the new node under a new id"
+                    ),
+                ));
+            }
             let mut cc = ConfChange::default();
             cc.set_change_type(ConfChangeType::AddNode);
             cc.node_id = node_id;
@@ -325,6 +343,13 @@ mod tests {
             (cc.get_change_type(), cc.node_id),
             (ConfChangeType::RemoveNode, 3)
         );
+    }
+
+    #[tokio::test]
+    async fn a_removed_id_cannot_be_added_again() {
+        let (r, _p, _c, _kvs) = app();
+        let (status, _) = call(&r, "POST", "/3", "http://127.0.0.1:1").await;
+        assert_eq!(status, StatusCode::CONFLICT);
     }
 
     #[tokio::test]

@@ -65,6 +65,7 @@ async fn run(args: Args) -> Result<(), String> {
         commit_rx,
         mut error_rx,
         stop: stop_node,
+        status,
         ..
     } = node;
 
@@ -74,7 +75,7 @@ async fn run(args: Args) -> Result<(), String> {
     let http_stop = CancellationToken::new();
     let mut http = tokio::spawn(httpapi::serve(
         kv_listener,
-        httpapi::router(kvs, conf_change_tx, args.request_timeout),
+        httpapi::router(kvs, conf_change_tx, args.request_timeout, Some(status)),
         http_stop.clone().cancelled_owned(),
     ));
     tracing::info!(port = args.port, raft = %raft_addr, "serving");

@@ -30,8 +30,10 @@ pub struct NodeStatus {
     pub snapshot_index: u64,
     /// Bytes of WAL segments on disk.
     pub wal_bytes: u64,
-    /// Every other member: id and raft URL.
+    /// Every member this node knows: id and raft URL.
     pub members: Vec<(u64, String)>,
+    /// Ids removed from the cluster; they cannot be added again.
+    pub removed: Vec<u64>,
 }
 
 #[derive(Clone)]

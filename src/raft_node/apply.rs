@@ -2,7 +2,7 @@
 //! `entriesToApply`, `publishEntries`, `publishSnapshot`, `saveSnap`, `maybeTriggerSnapshot`,
 //! `processMessages`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 use protobuf::Message as _;
@@ -20,9 +20,13 @@ use crate::wal::WalSnapshot;
 /// What a snapshot file holds in `Snapshot.data`: the store's own bytes, plus the raft URL of
 /// every member. raftexample kept only the store; then a node restarted from a snapshot that
 /// covers an `AddNode` no longer knows where that member listens.
+///
+/// It also keeps the ids removed from the cluster, which may never come back (a removed node
+/// still has its old log; etcd refuses to re-add an id for the same reason).
 #[derive(Serialize, Deserialize)]
 struct SnapshotData {
     members: BTreeMap<u64, String>,
+    removed: BTreeSet<u64>,
     #[serde(with = "serde_bytes")]
     kv: Vec<u8>,
 }
@@ -167,6 +171,10 @@ impl RaftNode {
             }
         }
         self.members = payload.members;
+        self.removed
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .extend(payload.removed);
         self.conf_state = meta.get_conf_state().clone();
         self.snapshot_index = meta.index;
         self.applied_index = meta.index;
@@ -221,6 +229,13 @@ impl RaftNode {
         );
         let payload = SnapshotData {
             members: self.members.clone(),
+            removed: self
+                .removed
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .iter()
+                .copied()
+                .collect(),
             kv: (self.get_snapshot)(),
         };
         let mut snap = Snapshot::default();

@@ -254,6 +254,15 @@ impl RaftNode {
             snapshot_index: self.snapshot_index,
             wal_bytes: self.wal.size_on_disk(),
             members: self.members.iter().map(|(k, v)| (*k, v.clone())).collect(),
+            removed: {
+                let removed = self
+                    .removed
+                    .read()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                let mut ids: Vec<u64> = removed.iter().copied().collect();
+                ids.sort_unstable();
+                ids
+            },
         };
         self.status_tx.send_if_modified(|old| {
             let changed = *old != status;
