@@ -1,2 +1,3 @@
 //! raftexample: a Rust port of etcd's `contrib/raftexample`.
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
+pub mod bench;
