@@ -8,7 +8,7 @@
 //!                    errors: { "<status N | connect: .. | transport: .. | timeout>": count },
 //!                    latency_ms: { p50, p90, p99, p99_9, max, mean } | null },
 //!   "replication": { acknowledged, readable_everywhere, all_readable, wait_secs, keys_per_sec,
-//!                    nodes: [ { endpoint, readable, all_readable_after_secs | null, lost,
+//!                    nodes: [ { endpoint, readable, all_readable_after_secs | null, rounds, lost,
 //!                               lost_sample: [key], lost_by_last_answer: { "<answer>": count } } ] }
 //!                  | null  (with --no-verify) }
 //! ```
@@ -129,6 +129,9 @@ pub struct NodeReport {
     pub readable: u64,
     /// When (after the PUT phase) the last acknowledged key was seen here; `None` if some never were.
     pub all_readable_after_secs: Option<f64>,
+    /// Passes over the node's missing keys: 1 means every key was there when first read, so the
+    /// wait measured for this node is the checker's own reading time, not replication lag.
+    pub rounds: u32,
     /// Acknowledged keys never readable here within the timeout.
     pub lost: u64,
     /// The first few lost keys, in write order.
@@ -222,8 +225,13 @@ impl Report {
             match n.all_readable_after_secs {
                 Some(t) => writeln!(
                     out,
-                    "  {}  {}/{} readable, all by +{:.3} s",
-                    n.endpoint, n.readable, r.acknowledged, t
+                    "  {}  {}/{} readable, all by +{:.3} s ({} round{})",
+                    n.endpoint,
+                    n.readable,
+                    r.acknowledged,
+                    t,
+                    n.rounds,
+                    if n.rounds == 1 { "" } else { "s" }
                 )?,
                 None => writeln!(
                     out,
@@ -267,6 +275,7 @@ mod tests {
             endpoint: url.to_owned(),
             readable: 10 - lost_n,
             all_readable_after_secs: (lost_n == 0).then_some(0.25),
+            rounds: 1,
             lost: lost_n,
             lost_sample: (0..lost_n).map(|i| format!("/p-{i:08}")).collect(),
             lost_by_last_answer: if lost_n > 0 {
@@ -345,6 +354,7 @@ mod tests {
         assert_eq!(r["nodes"][1]["lost_sample"][0], "/p-00000000");
         assert_eq!(r["nodes"][1]["lost_by_last_answer"]["404"], 2);
         assert!(r["nodes"][1]["all_readable_after_secs"].is_null());
+        assert_eq!(r["nodes"][0]["rounds"], 1);
         // And it reads back into the same report.
         let back: Report = serde_json::from_value(v).unwrap();
         assert_eq!(back, sample(true));
@@ -366,6 +376,10 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("LOST"), "{text}");
+        assert!(
+            text.contains("10/10 readable, all by +0.250 s (1 round)"),
+            "{text}"
+        );
 
         let bad = sample(true);
         assert_eq!(bad.lost_keys(), 2);

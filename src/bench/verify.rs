@@ -6,6 +6,11 @@
 //! value written, and goes round again over the rest until none is left or the replication timeout
 //! (counted from the end of the PUT phase) has passed. Keys still missing then are *lost* and are
 //! reported with the last answer the node gave for them; the tool never hides them.
+//!
+//! The wait it reports is an upper bound on the replication lag: it includes the time the checker
+//! itself needs to read every key (about `keys x nodes / GET rate`). A node finished in one round
+//! had every key by the time it was read, so its lag is at most that one pass; more rounds mean
+//! the node really was behind.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -64,6 +69,7 @@ impl Miss {
 struct NodeOutcome {
     readable: u64,
     done_at: Option<Instant>,
+    rounds: u32,
     missing: Vec<(u64, Miss)>,
 }
 
@@ -150,6 +156,7 @@ fn node_report(endpoint: &Endpoint, o: NodeOutcome, keys: &KeySpace, t0: Instant
         all_readable_after_secs: o
             .done_at
             .map(|t| t.saturating_duration_since(t0).as_secs_f64()),
+        rounds: o.rounds,
         lost: o.missing.len() as u64,
         lost_sample: o
             .missing
@@ -177,7 +184,9 @@ async fn check_node(
     let mut missing: Vec<(u64, Miss)> = Vec::new();
     // The first round checks every key whatever the clock says, so each lost key has an answer.
     let mut round_deadline = None;
+    let mut rounds = 0;
     loop {
+        rounds += 1;
         let round = Arc::new(std::mem::take(&mut pending));
         let workers = conns.len();
         let mut tasks = Vec::with_capacity(workers);
@@ -215,6 +224,7 @@ async fn check_node(
             return Ok(NodeOutcome {
                 readable: readable as u64,
                 done_at: Some(Instant::now()),
+                rounds,
                 missing,
             });
         }
@@ -223,6 +233,7 @@ async fn check_node(
             return Ok(NodeOutcome {
                 readable: readable as u64,
                 done_at: None,
+                rounds,
                 missing,
             });
         }

@@ -148,6 +148,8 @@ async fn bench_counts_puts_and_confirms_replication() {
     for n in &r.nodes {
         assert_eq!((n.readable, n.lost), (200, 0), "{n:?}");
         assert!(n.all_readable_after_secs.is_some());
+        // The fake stores synchronously, so the first pass finds everything.
+        assert_eq!(n.rounds, 1, "{n:?}");
     }
     assert_eq!(report.lost_keys(), 0);
     assert_eq!(bench::exit_status(&report), 0);
@@ -189,6 +191,7 @@ async fn bench_reports_lost_keys_and_refused_puts() {
     let lossy = &r.nodes[1];
     assert_eq!((lossy.readable, lossy.lost), (186, 10));
     assert!(lossy.all_readable_after_secs.is_none());
+    assert!(r.wait_secs >= 0.3, "kept looking until the deadline: {r:?}");
     let expected: Vec<String> = (0..10)
         .map(|k| format!("/it-lossy-{:08}", 20 * k + 7))
         .collect();
