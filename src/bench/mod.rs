@@ -191,9 +191,14 @@ fn progress_bar(show: bool, len: u64, label: &str) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
     // The template is a constant; if indicatif ever rejects it, fall back to its default style.
     if let Ok(style) = ProgressStyle::with_template(
-        "{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} {per_sec} eta {eta}",
+        "{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} {rate} eta {eta}",
     ) {
-        bar.set_style(style);
+        bar.set_style(style.with_key(
+            "rate",
+            |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{:.0}/s", state.per_sec());
+            },
+        ));
     }
     bar.set_prefix(label.to_owned());
     bar
