@@ -30,6 +30,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod cli;
 pub mod httpapi;
 pub mod kvstore;

@@ -9,3 +9,5 @@ mod process_cluster;
 mod raftexample;
 /// The raft transport between real transports on loopback.
 mod rafthttp;
+/// The benchmark tool against a fake in-process cluster.
+mod bench;
