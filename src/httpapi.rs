@@ -277,12 +277,13 @@ mod tests {
         let (ptx, prx) = mpsc::channel(8);
         let (ctx, crx) = mpsc::channel(8);
         let kvs = KvStore::new(ptx);
-        (
-            router(kvs.clone(), ctx, Duration::from_millis(100)),
-            prx,
-            crx,
-            kvs,
-        )
+        let status = NodeStatus {
+            removed: vec![3],
+            ..Default::default()
+        };
+        let (_tx, status) = watch::channel(status);
+        let r = router(kvs.clone(), ctx, Duration::from_millis(100), Some(status));
+        (r, prx, crx, kvs)
     }
 
     async fn call(

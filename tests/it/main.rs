@@ -3,11 +3,15 @@
 /// Shared helpers: polling with a deadline, an HTTP client, in-process and process clusters.
 mod support;
 
+/// The benchmark tool against a fake in-process cluster.
+mod bench;
+/// Adding and removing nodes.
+mod membership;
 /// The README flows on real `raftexample` processes.
 mod process_cluster;
 /// Ports of the Go raftexample tests, on in-process clusters wired by their channels.
 mod raftexample;
 /// The raft transport between real transports on loopback.
 mod rafthttp;
-/// The benchmark tool against a fake in-process cluster.
-mod bench;
+/// Snapshots and log compaction.
+mod snapshot;

@@ -109,3 +109,114 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("bind 127.0.0.1:0")
 }
+
+/// PUTs `key-{i}` = `val-{i}` for every `i` in `range` to `base` (e.g. `http://127.0.0.1:1`),
+/// over `conns` concurrent keep-alive clients. Panics if any PUT is not answered 204.
+pub async fn put_range(base: &str, prefix: &str, range: std::ops::Range<u64>, conns: u64) {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut tasks = Vec::new();
+    for c in 0..conns {
+        let client = client.clone();
+        let base = base.to_string();
+        let prefix = prefix.to_string();
+        let range = range.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut i = range.start + c;
+            while i < range.end {
+                let req = hyper::Request::put(format!("{base}/{prefix}-{i}"))
+                    .body(Full::new(Bytes::from(format!("val-{i}"))))
+                    .expect("request");
+                let resp = client.request(req).await.expect("PUT answered");
+                assert_eq!(resp.status().as_u16(), 204, "PUT {prefix}-{i}");
+                i += conns;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("PUT task");
+    }
+}
+
+/// The keys of `range` that `base` does not (yet) serve with the right value.
+pub async fn missing_keys(base: &str, prefix: &str, range: std::ops::Range<u64>) -> Vec<u64> {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let conns = 16;
+    let mut tasks = Vec::new();
+    for c in 0..conns {
+        let client = client.clone();
+        let base = base.to_string();
+        let prefix = prefix.to_string();
+        let range = range.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut missing = Vec::new();
+            let mut i = range.start + c;
+            while i < range.end {
+                let req = hyper::Request::get(format!("{base}/{prefix}-{i}"))
+                    .body(Full::new(Bytes::new()))
+                    .expect("request");
+                let ok = match client.request(req).await {
+                    Ok(resp) if resp.status() == 200 => resp
+                        .into_body()
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes() == format!("val-{i}").as_bytes())
+                        .unwrap_or(false),
+                    _ => false,
+                };
+                if !ok {
+                    missing.push(i);
+                }
+                i += conns;
+            }
+            missing
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("GET task"));
+    }
+    all.sort_unstable();
+    all
+}
+
+/// Waits until `base` serves every key of `range`, re-checking only the missing ones.
+pub async fn wait_all_keys(
+    base: &str,
+    prefix: &str,
+    range: std::ops::Range<u64>,
+    timeout: Duration,
+) {
+    let deadline = Instant::now() + timeout;
+    let mut missing = missing_keys(base, prefix, range).await;
+    while !missing.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "{base}: {} keys still missing after {timeout:?}, e.g. {prefix}-{}",
+            missing.len(),
+            missing[0]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut still = Vec::new();
+        for chunk in missing.chunks(1) {
+            let i = chunk[0];
+            if missing_keys(base, prefix, i..i + 1).await.contains(&i) {
+                still.push(i);
+            }
+        }
+        missing = still;
+    }
+}
+
+/// A metric's value from a node's `/metrics` (0 if absent).
+pub async fn metric(raft_url: &str, name: &str) -> f64 {
+    let Ok(r) = http("GET", &format!("{raft_url}/metrics"), b"").await else {
+        return 0.0;
+    };
+    String::from_utf8_lossy(&r.body)
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            (k == name).then(|| v.trim().parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}

@@ -1,0 +1,181 @@
+//! Dynamic membership: adding and removing nodes (Go: `TestAddNewNode`, and the README flow).
+
+use std::time::Duration;
+
+use raft::eraftpb::{ConfChange, ConfChangeType};
+use raftexample::raft_node::Commit;
+
+use crate::support::cluster::{Cluster, bind_peers, start_node, test_config};
+use crate::support::process::{NodeProcess, ProcessCluster};
+use crate::support::{free_port, http, poll_until, put_range, wait_all_keys, wait_for_value};
+
+const T: Duration = Duration::from_secs(60);
+
+/// Port of Go's TestAddNewNode: node 4 is added by a conf change and started with join; a
+/// proposal made on node 4 commits on node 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_new_node() {
+    let mut clus = Cluster::new(3).await;
+    let (mut l, urls) = bind_peers(1).await;
+    let mut cc = ConfChange::default();
+    cc.set_change_type(ConfChangeType::AddNode);
+    cc.node_id = 4;
+    cc.context = urls[0].clone().into_bytes().into();
+    clus.nodes[0]
+        .conf_change_tx
+        .as_ref()
+        .expect("open")
+        .send(cc)
+        .await
+        .expect("conf change");
+
+    let mut peers = clus.peers.clone();
+    peers.push(urls[0].clone());
+    let mut cfg = test_config(4, &peers, clus.dir.path());
+    cfg.join = true;
+    let node4 = start_node(cfg, l.remove(0), Box::new(Vec::new)).await;
+    node4
+        .propose_tx
+        .as_ref()
+        .expect("open")
+        .send(b"foo".to_vec())
+        .await
+        .expect("propose on node 4");
+
+    let crx = clus.nodes[0].commit_rx.as_mut().expect("commits");
+    tokio::time::timeout(T, async {
+        loop {
+            match crx.recv().await.expect("node 1 publishes") {
+                Commit::Entries {
+                    data, apply_done, ..
+                } => {
+                    let _ = apply_done.send(());
+                    if data.iter().any(|d| &d[..] == b"foo") {
+                        return;
+                    }
+                }
+                Commit::Snapshot { .. } => {}
+            }
+        }
+    })
+    .await
+    .expect("node 4's proposal commits on node 1");
+    clus.nodes.push(node4);
+    clus.close_no_errors().await;
+}
+
+/// The Go README flow: add node 4 over HTTP and start it with --join; writes via 4 and via 1
+/// are all readable from 4; DELETE node 3 and it exits by itself while 1, 2, 4 keep serving.
+/// Then the joined node restarts without --join and still serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_add_and_remove_flow() {
+    let mut c = ProcessCluster::start(3, &[]);
+    put_range(&c.node(1).url(""), "before", 0..50, 4).await;
+
+    let raft4 = format!("http://127.0.0.1:{}", free_port());
+    let kv4 = free_port();
+    let r = poll_until(T, "POST /4 accepted", || {
+        let url = c.nodes[0].url("/4");
+        let body = raft4.clone();
+        async move {
+            http("POST", &url, body.as_bytes())
+                .await
+                .ok()
+                .filter(|r| r.status == 204)
+        }
+    })
+    .await;
+    assert_eq!(r.status, 204);
+    let cluster4 = [c.peers.clone(), vec![raft4.clone()]].concat().join(",");
+    let dir4 = c.dir.path().join("n4");
+    std::fs::create_dir_all(&dir4).expect("dir");
+    let mut n4 = NodeProcess::spawn(4, &cluster4, kv4, &dir4, &["--join"]);
+
+    put_range(&n4.url(""), "via4", 0..50, 4).await;
+    put_range(&c.node(1).url(""), "via1", 0..50, 4).await;
+    for prefix in ["before", "via4", "via1"] {
+        wait_all_keys(&n4.url(""), prefix, 0..50, T).await;
+    }
+
+    let r = http("DELETE", &c.node(1).url("/3"), b"")
+        .await
+        .expect("DELETE");
+    assert_eq!(r.status, 204);
+    let exit = c
+        .node(3)
+        .wait_exit(T)
+        .expect("node 3 exits by itself after its removal");
+    assert!(exit.success(), "node 3 exit status {exit}");
+    assert!(c.node(3).logs().contains("removed from the cluster"));
+
+    put_range(&c.node(2).url(""), "after-remove", 0..50, 4).await;
+    for base in [c.node(1).url(""), c.node(2).url(""), n4.url("")] {
+        wait_all_keys(&base, "after-remove", 0..50, T).await;
+    }
+    // The removed id cannot come back.
+    let r = http("POST", &c.node(1).url("/3"), b"http://127.0.0.1:1")
+        .await
+        .expect("POST");
+    assert_eq!(r.status, 409, "{:?}", String::from_utf8_lossy(&r.body));
+
+    // A joined node restarted without --join comes back with the right membership.
+    n4.kill9();
+    let mut n4 = NodeProcess::spawn(4, &cluster4, kv4, &dir4, &[]);
+    put_range(&c.node(1).url(""), "after-restart", 0..20, 2).await;
+    wait_all_keys(&n4.url(""), "after-restart", 0..20, T).await;
+    wait_for_value(&n4.url("/via4-0"), b"val-0", T).await;
+    n4.kill9();
+}
+
+/// A 3-node cluster grows to 5 and shrinks back to 3 while a writer keeps writing; every
+/// acknowledged write is on every remaining node at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grow_to_five_and_shrink_to_three_under_writes() {
+    let mut c = ProcessCluster::start(3, &[]);
+    let base1 = c.node(1).url("");
+    put_range(&base1, "w", 0..1, 1).await;
+    let writer = {
+        let base = base1.clone();
+        tokio::spawn(async move {
+            for chunk in 0..20u64 {
+                put_range(&base, "w", chunk * 50..(chunk + 1) * 50, 4).await;
+            }
+        })
+    };
+    let mut extra = Vec::new();
+    let mut cluster = c.peers.clone();
+    for id in 4..=5u64 {
+        let raft = format!("http://127.0.0.1:{}", free_port());
+        let kv = free_port();
+        cluster.push(raft.clone());
+        poll_until(T, "POST accepted", || {
+            let url = c.nodes[0].url(&format!("/{id}"));
+            let body = raft.clone();
+            async move {
+                http("POST", &url, body.as_bytes())
+                    .await
+                    .ok()
+                    .filter(|r| r.status == 204)
+            }
+        })
+        .await;
+        let dir = c.dir.path().join(format!("n{id}"));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let n = NodeProcess::spawn(id, &cluster.join(","), kv, &dir, &["--join"]);
+        // Wait until the new member serves the first key: it has caught up.
+        wait_for_value(&n.url("/w-0"), b"val-0", T).await;
+        extra.push(n);
+    }
+    for id in [2u64, 3] {
+        // One conf change at a time: raft ignores a second one while the first is pending.
+        let r = http("DELETE", &c.node(1).url(&format!("/{id}")), b"")
+            .await
+            .expect("DELETE");
+        assert_eq!(r.status, 204);
+        c.node(id).wait_exit(T).expect("removed node exits");
+    }
+    writer.await.expect("writer");
+    for base in [c.node(1).url(""), extra[0].url(""), extra[1].url("")] {
+        wait_all_keys(&base, "w", 0..1000, T).await;
+    }
+}
