@@ -247,6 +247,7 @@ impl rafthttp::Raft for NodeHandle {
     fn report_snapshot(&self, id: u64, status: SnapshotStatus) {
         let _ = self.reports.send(Report::Snapshot(id, status));
     }
+
 }
 
 /// The node's input channels: *proposeC*, *confChangeC* and *readIndexC*.

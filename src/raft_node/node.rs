@@ -71,6 +71,8 @@ pub(super) struct RaftNode {
     // --- what the outside sees of the node
     status_tx: watch::Sender<NodeStatus>,
     last_leader: u64,
+    /// A peer told the transport this node was removed.
+    removed_by_peer: bool,
 }
 
 impl RaftNode {
@@ -131,6 +133,7 @@ impl RaftNode {
             reads: Reads::default(),
             status_tx,
             last_leader: 0,
+            removed_by_peer: false,
         };
         if let Some(snap) = replayed.snapshot {
             rn.publish_snapshot(&snap).await?;
@@ -149,7 +152,12 @@ impl RaftNode {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         // Set once asked to stop while leading: leadership is being handed over until then.
         let mut stopping: Option<tokio::time::Instant> = None;
+        let mut removed_by_peer = self.transport.member_removed();
         let result = loop {
+            if self.removed_by_peer {
+                tracing::info!("I've been removed from the cluster! Shutting down.");
+                break Ok(());
+            }
             let room = self.pending_proposals.len() < MAX_PENDING_PROPOSALS;
             let deadline = stopping.unwrap_or_else(tokio::time::Instant::now);
             tokio::select! {
@@ -173,6 +181,15 @@ impl RaftNode {
                     if let Some(m) = m { self.step(m); }
                 }
                 Some(r) = inputs.report_rx.recv() => self.report(r),
+                // A peer answered 410/403: this node was removed while it was not listening
+                // (the leader stops sending to a member once its removal is applied, so it
+                // may never see that commit). etcd's errMemberRemoved.
+                Ok(()) = removed_by_peer.changed() => {
+                    if *removed_by_peer.borrow() {
+                        tracing::info!("a peer says this node was removed from the cluster");
+                        self.removed_by_peer = true;
+                    }
+                }
                 p = inputs.propose_rx.recv(), if room => match p {
                     Some(p) => self.pending_proposals.push_back(p),
                     // Every proposer is gone: the Go original's "close(proposeC)" shutdown.
@@ -303,7 +320,14 @@ impl RaftNode {
     fn report(&mut self, r: Report) {
         match r {
             Report::Unreachable(id) => self.node.report_unreachable(id),
-            Report::Snapshot(id, status) => self.node.report_snapshot(id, status),
+            Report::Snapshot(id, status) => {
+                let outcome = match status {
+                    raft::SnapshotStatus::Finish => "finish",
+                    raft::SnapshotStatus::Failure => "failure",
+                };
+                metrics::SNAPSHOTS_SENT.with_label_values(&[outcome]).inc();
+                self.node.report_snapshot(id, status)
+            }
         }
     }
 

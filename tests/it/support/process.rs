@@ -53,7 +53,7 @@ impl NodeProcess {
             .append(true)
             .open(&self.log)
             .expect("open log file");
-        let child = Command::new(BIN)
+        let mut child = Command::new(BIN)
             .args(&self.args)
             .current_dir(&self.dir)
             .env(
@@ -65,6 +65,16 @@ impl NodeProcess {
             .stderr(log)
             .spawn()
             .expect("spawn raftexample");
+        // Ready once the KV port accepts connections (the raft port is bound before it).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.kv_port));
+        while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("node {} exited at start ({status})\n{}", self.id, self.logs());
+            }
+            assert!(Instant::now() < deadline, "node {} did not start listening\n{}", self.id, self.logs());
+            std::thread::sleep(Duration::from_millis(20));
+        }
         self.child = Some(child);
     }
 
@@ -150,9 +160,10 @@ pub fn cluster_ports(n: usize) -> (Vec<String>, Vec<u16>) {
 
 /// `n` nodes of a new cluster, each in its own subdirectory of one temp dir.
 pub struct ProcessCluster {
-    pub dir: tempfile::TempDir,
-    pub peers: Vec<String>,
+    // Fields drop in order: the nodes (killed, logs printed on failure) before their dir.
     pub nodes: Vec<NodeProcess>,
+    pub peers: Vec<String>,
+    pub dir: tempfile::TempDir,
 }
 
 impl ProcessCluster {
@@ -167,7 +178,7 @@ impl ProcessCluster {
                 NodeProcess::spawn(i as u64 + 1, &cluster, kv[i], &d, extra)
             })
             .collect();
-        ProcessCluster { dir, peers, nodes }
+        ProcessCluster { nodes, peers, dir }
     }
 
     /// The 1-based node `id`.
