@@ -645,6 +645,16 @@ async fn bad_requests_get_the_right_status_and_the_transport_keeps_working() {
     .await;
     a.tr.send(vec![msg(MessageType::MsgHeartbeat, 1, 2, 3)]);
     assert_eq!(b.recv().await.index, 3);
+
+    // Once B considers A removed, A's stream dials get 410 and A learns it.
+    let mut removed = a.tr.member_removed();
+    assert!(!*removed.borrow());
+    b.raft.removed.lock().unwrap().insert(1);
+    b.tr.remove_peer(1); // ends A's current streams, so A redials
+    timeout(DEADLINE, removed.wait_for(|r| *r))
+        .await
+        .expect("A learns it was removed")
+        .unwrap();
     a.stop().await;
     b.stop().await;
 }
