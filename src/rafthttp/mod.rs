@@ -19,7 +19,7 @@
 //!   raftexample sent `MsgSnap` over the pipeline; this port uses the snapshot path
 //!   (etcd's "merged snapshot" body) so the receiver can preallocate the data.
 //!
-//! [`Peer::pick`](peer) chooses per message: `MsgSnapshot` → snapshot path;
+//! `peer::Peer::pick` chooses per message: `MsgSnapshot` → snapshot path;
 //! `MsgAppend` → msgapp stream if attached; anything → message stream if attached;
 //! otherwise the pipeline. Every queue is bounded (stream 4096, pipeline 64); when
 //! one is full the message is dropped and raft is told the peer is unreachable (and
@@ -112,6 +112,14 @@ struct Inner {
     peers: RwLock<HashMap<u64, Arc<Peer>>>,
     /// Cancelled by [`Transport::stop`]; every peer's token is a child of it.
     stop: CancellationToken,
+}
+
+impl Drop for Inner {
+    /// The last handle gone (including the router's): end the peers' tasks too,
+    /// which hold only the `Shared` part and would otherwise run on.
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 /// What every task of the transport needs.
