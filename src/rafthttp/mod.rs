@@ -19,7 +19,7 @@
 //!   raftexample sent `MsgSnap` over the pipeline; this port uses the snapshot path
 //!   (etcd's "merged snapshot" body) so the receiver can preallocate the data.
 //!
-//! [`Peer::pick`](peer) chooses per message: `MsgSnapshot` → snapshot path;
+//! `peer::Peer::pick` chooses per message: `MsgSnapshot` → snapshot path;
 //! `MsgAppend` → msgapp stream if attached; anything → message stream if attached;
 //! otherwise the pipeline. Every queue is bounded (stream 4096, pipeline 64); when
 //! one is full the message is dropped and raft is told the peer is unreachable (and
@@ -40,6 +40,7 @@ use std::time::SystemTime;
 use raft::SnapshotStatus;
 use raft::eraftpb::Message;
 use tokio::runtime::Handle;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 mod http;
@@ -66,6 +67,10 @@ use peer::Peer;
 
 /// What the transport calls back into. Implemented by the raft node's handle
 /// (messages into its loop: the loop alone owns the `RawNode`).
+///
+/// The `report_*` methods are called from the transport's tasks and, when a queue
+/// is full, from inside [`Transport::send`] on the caller's thread: they must not
+/// block (queue the report, e.g. with an unbounded or `try_send` channel).
 pub trait Raft: Send + Sync + 'static {
     /// Hands a received message to the node; resolves once the node's loop accepted
     /// it (bounded queue = backpressure).
@@ -109,6 +114,14 @@ struct Inner {
     stop: CancellationToken,
 }
 
+impl Drop for Inner {
+    /// The last handle gone (including the router's): end the peers' tasks too,
+    /// which hold only the `Shared` part and would otherwise run on.
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
 /// What every task of the transport needs.
 pub(crate) struct Shared {
     pub id: u64,
@@ -119,6 +132,18 @@ pub(crate) struct Shared {
     /// The runtime everything is spawned on: `send` and `add_peer` are called from
     /// the raft node's own thread, which is not a worker of this runtime.
     pub rt: Handle,
+    /// Set once a peer says this member was removed (410 on a stream dial, 403 on
+    /// a post): etcd's `errMemberRemoved` on `ErrorC`, on which raftexample stops.
+    pub removed: watch::Sender<bool>,
+}
+
+impl Shared {
+    /// Looks at a send failure for the one error the node must act on.
+    pub(crate) fn check_removed(&self, e: &TransportError) {
+        if matches!(e, TransportError::MemberRemoved) && !self.removed.send_replace(true) {
+            tracing::error!(id = %self.id_hex, "a peer says this member was removed from the cluster");
+        }
+    }
 }
 
 impl Transport {
@@ -135,6 +160,7 @@ impl Transport {
             raft,
             client: util::new_client(),
             rt: Handle::current(),
+            removed: watch::Sender::new(false),
         };
         let inner = Inner {
             shared: Arc::new(shared),
@@ -157,12 +183,13 @@ impl Transport {
     /// peers, and those that find their queue full are dropped (the latter reported
     /// to raft as unreachable).
     pub fn send(&self, msgs: Vec<Message>) {
-        let peers = self.peers_read();
         for m in msgs {
             if m.to == 0 {
                 continue;
             }
-            match peers.get(&m.to) {
+            // The lock is not held while sending: a full queue calls back into
+            // raft (`report_unreachable`), which must be free to use the transport.
+            match self.peer(m.to) {
                 Some(p) => p.send(m),
                 None => {
                     tracing::debug!(to = %format_args!("{:x}", m.to), "ignored message to unknown peer")
@@ -212,6 +239,13 @@ impl Transport {
     /// URL, activity and last probe round trip of `id`, if it is a peer.
     pub fn peer_status(&self, id: u64) -> Option<PeerStatusReport> {
         self.peers_read().get(&id).map(|p| p.report())
+    }
+
+    /// Becomes `true` when a peer reports that this member was removed from the
+    /// cluster; the node should then stop (raftexample: "I've been removed from
+    /// the cluster! Shutting down.").
+    pub fn member_removed(&self) -> watch::Receiver<bool> {
+        self.inner.shared.removed.subscribe()
     }
 
     /// Ids of all peers.

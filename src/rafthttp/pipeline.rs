@@ -104,6 +104,7 @@ impl PipelineCtx {
                 }
             }
             Err(e) => {
+                self.shared.check_removed(&e);
                 tracing::debug!(peer = %format_args!("{:x}", self.peer), error = %e, "pipeline post failed");
                 self.picker.unreachable(&url);
                 self.status.deactivate("pipeline", &e);
@@ -128,6 +129,6 @@ impl PipelineCtx {
         let req = raft_request(Method::POST, url, "/raft", &s.id_hex, &s.cluster_hex)?
             .header("content-type", "application/protobuf")
             .body(full_body(body))?;
-        post(&s.client, req, Some(POST_TIMEOUT)).await
+        post(&s.client, req, POST_TIMEOUT).await
     }
 }

@@ -22,6 +22,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
@@ -65,6 +66,7 @@ pub async fn send(
         }
         Err(e) => {
             tracing::warn!(peer = %format_args!("{to:x}"), index, error = %e, "failed to send snapshot");
+            shared.check_removed(&e);
             picker.unreachable(&url);
             status.deactivate("snapshot sender", &e);
             shared.raft.report_unreachable(to);
@@ -92,8 +94,10 @@ async fn post_snapshot(s: &Shared, url: &str, mut m: Message) -> Result<(), Tran
     .header(header::CONTENT_TYPE, "application/octet-stream")
     .header(header::CONTENT_LENGTH, len)
     .body(body)?;
-    // No deadline: a big snapshot takes as long as it takes; `stop` cancels it.
-    post(&s.client, req, None).await
+    // raft sends no other snapshot to this peer until this one is reported, so a
+    // peer that never answers must not hold it forever: allow 30 s plus 1 s per MB.
+    let deadline = Duration::from_secs(30) + Duration::from_micros(len as u64);
+    post(&s.client, req, deadline).await
 }
 
 /// The `POST /raft/snapshot` handler.

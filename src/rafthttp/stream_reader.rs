@@ -81,6 +81,7 @@ impl ReaderCtx {
         let body = match self.dial().await {
             Ok(body) => body,
             Err(e) => {
+                self.shared.check_removed(&e);
                 self.status
                     .deactivate(&format!("{} reader dial", self.kind), &e);
                 return;

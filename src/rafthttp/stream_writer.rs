@@ -10,7 +10,7 @@
 //! A newer connection replaces the older one (the older response ends). When the
 //! connection fails (the peer went away, or stopped reading for
 //! [`WRITE_TIMEOUT`]), the writer detaches: queued messages are dropped, raft is
-//! told the peer is unreachable, and [`peer::pick`](super::peer) falls back to the
+//! told the peer is unreachable, and `Peer::pick` falls back to the
 //! pipeline until the peer dials again.
 
 use std::sync::Arc;

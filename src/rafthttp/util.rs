@@ -199,14 +199,11 @@ pub enum TransportError {
 pub async fn post(
     client: &HttpClient,
     req: Request<ReqBody>,
-    timeout: Option<Duration>,
+    timeout: Duration,
 ) -> Result<(), TransportError> {
-    let resp = match timeout {
-        Some(t) => tokio::time::timeout(t, client.request(req))
-            .await
-            .map_err(|_| TransportError::Timeout(t))??,
-        None => client.request(req).await?,
-    };
+    let resp = tokio::time::timeout(timeout, client.request(req))
+        .await
+        .map_err(|_| TransportError::Timeout(timeout))??;
     match resp.status() {
         StatusCode::NO_CONTENT => Ok(()),
         StatusCode::FORBIDDEN => Err(TransportError::MemberRemoved),

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use bytes::BytesMut;
 use futures::future::BoxFuture;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -18,6 +19,8 @@ use hyper_util::rt::TokioExecutor;
 use protobuf::ProtobufEnum;
 use raft::SnapshotStatus;
 use raft::eraftpb::{Entry, Message, MessageType};
+use raftexample::rafthttp::msg_codec::{Decoded, Decoder, MessageDecoder};
+use raftexample::rafthttp::msgappv2_codec::MsgAppV2Decoder;
 use raftexample::rafthttp::{ProcessError, Raft, Transport, TransportConfig, serve};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
@@ -642,6 +645,206 @@ async fn bad_requests_get_the_right_status_and_the_transport_keeps_working() {
     .await;
     a.tr.send(vec![msg(MessageType::MsgHeartbeat, 1, 2, 3)]);
     assert_eq!(b.recv().await.index, 3);
+
+    // Once B considers A removed, A's stream dials get 410 and A learns it.
+    let mut removed = a.tr.member_removed();
+    assert!(!*removed.borrow());
+    b.raft.removed.lock().unwrap().insert(1);
+    b.tr.remove_peer(1); // ends A's current streams, so A redials
+    timeout(DEADLINE, removed.wait_for(|r| *r))
+        .await
+        .expect("A learns it was removed")
+        .unwrap();
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Opens a raw stream as member `from` would, returning the open response body.
+async fn raw_stream(
+    node: &Node,
+    kind: &str,
+    from: &'static str,
+    to: &'static str,
+) -> hyper::body::Incoming {
+    let mut b = hyper::Request::builder().uri(format!("{}/raft/stream/{kind}/{from}", node.url));
+    for (k, v) in good_headers(from) {
+        b = b.header(k, v);
+    }
+    b = b.header("x-raft-to", to);
+    let resp = raw_client()
+        .request(b.body(Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-server-version"], "3.4.23");
+    assert_eq!(resp.headers()["x-etcd-cluster-id"], "1000");
+    resp.into_body()
+}
+
+/// Reads frames from a raw stream body until `f` has seen what it wants.
+async fn read_frames(
+    body: &mut hyper::body::Incoming,
+    dec: &mut dyn Decoder,
+    mut done: impl FnMut(&Message) -> bool,
+) -> Vec<Message> {
+    let mut buf = BytesMut::new();
+    let mut out = Vec::new();
+    loop {
+        while let Decoded::Message(m) = dec.decode(&mut buf).unwrap() {
+            let stop = done(&m);
+            out.push(m);
+            if stop {
+                return out;
+            }
+        }
+        let frame = timeout(DEADLINE, body.frame())
+            .await
+            .expect("frame in time");
+        let data = frame
+            .expect("stream still open")
+            .unwrap()
+            .into_data()
+            .unwrap();
+        buf.extend_from_slice(&data);
+    }
+}
+
+#[tokio::test]
+async fn a_new_stream_replaces_the_old_one_and_speaks_etcd_framing() {
+    let (mut a, mut b) = connected_pair().await;
+    // Take B away so it does not redial and take its streams back.
+    b.stop().await;
+    wait_until("streams drop", || {
+        a.tr.peer_status(2).is_some_and(|s| !s.message_stream)
+    })
+    .await;
+
+    let mut first = raw_stream(&a, "message", "2", "1").await;
+    wait_until("raw stream attached", || {
+        a.tr.peer_status(2).is_some_and(|s| s.message_stream)
+    })
+    .await;
+    a.tr.send(vec![msg(MessageType::MsgHeartbeat, 1, 2, 11)]);
+    let got = read_frames(&mut first, &mut MessageDecoder::default(), |m| {
+        m.index == 11
+    })
+    .await;
+    assert_eq!(got.last().unwrap().msg_type, MessageType::MsgHeartbeat);
+    // Idle: a link heartbeat (from 0 to 0) arrives within the heartbeat period.
+    let got = read_frames(&mut first, &mut MessageDecoder::default(), |m| {
+        m.from == 0 && m.to == 0
+    })
+    .await;
+    assert_eq!(got.last().unwrap().msg_type, MessageType::MsgHeartbeat);
+
+    // A second dial replaces the first: the first response ends.
+    let mut second = raw_stream(&a, "message", "2", "1").await;
+    loop {
+        match timeout(DEADLINE, first.frame())
+            .await
+            .expect("first stream ends")
+        {
+            None => break,
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => panic!("first stream failed instead of ending: {e}"),
+        }
+    }
+    a.tr.send(vec![msg(MessageType::MsgHeartbeat, 1, 2, 12)]);
+    read_frames(&mut second, &mut MessageDecoder::default(), |m| {
+        m.index == 12
+    })
+    .await;
+
+    // msgappv2: consecutive appends arrive through the compact encoding.
+    let mut app = raw_stream(&a, "msgapp", "2", "1").await;
+    wait_until("msgapp attached", || {
+        a.tr.peer_status(2).is_some_and(|s| s.msgapp_stream)
+    })
+    .await;
+    let appends: Vec<Message> = (0..3)
+        .map(|i| {
+            let mut m = msg(MessageType::MsgAppend, 1, 2, i);
+            let mut e = Entry::new();
+            (e.term, e.index) = (1, i + 1);
+            m.entries.push(e);
+            m
+        })
+        .collect();
+    a.tr.send(appends.clone());
+    let mut dec = MsgAppV2Decoder::new(2, 1);
+    let got = read_frames(&mut app, &mut dec, |m| m.index == 2).await;
+    let got: Vec<Message> = got
+        .into_iter()
+        .filter(|m| m.msg_type == MessageType::MsgAppend)
+        .collect();
+    assert_eq!(got, appends);
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn garbage_on_a_stream_is_survived_and_redials_are_rate_limited() {
+    // A fake peer that answers every stream dial with garbage.
+    let dials = Arc::new(Mutex::new(Vec::<Instant>::new()));
+    let d = dials.clone();
+    let fake = axum::Router::new().route(
+        "/raft/stream/message/{from}",
+        axum::routing::get(move || {
+            d.lock().unwrap().push(Instant::now());
+            async {
+                (
+                    [("x-server-version", "3.4.23")],
+                    b"\x00\x00\x00\x00\x00\x00\x00\x03\xff\xff\xff".to_vec(),
+                )
+            }
+        }),
+    );
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fake_url = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, fake).await });
+
+    let (mut a, mut b) = connected_pair().await;
+    a.tr.add_peer(5, &[fake_url]);
+    wait_until("several redials", || dials.lock().unwrap().len() >= 8).await;
+    let t = dials.lock().unwrap().clone();
+    let span = t[t.len() - 1] - t[0];
+    let allowed = (span.as_millis() / 100) as usize + 2;
+    assert!(
+        t.len() <= allowed,
+        "{} dials in {span:?}: not rate limited",
+        t.len()
+    );
+    // The transport still works for its healthy peer.
+    a.tr.send(vec![msg(MessageType::MsgHeartbeat, 1, 2, 21)]);
+    assert_eq!(b.recv().await.index, 21);
+    a.tr.remove_peer(5);
+    assert!(a.tr.peer_status(5).is_none());
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn send_and_add_peer_work_from_a_thread_outside_the_runtime() {
+    // The raft node calls the transport from its own OS thread (with its own
+    // current-thread runtime), not from a worker of the transport's runtime.
+    let mut a = Node::start(1).await;
+    let mut b = Node::start(2).await;
+    b.tr.add_peer(1, std::slice::from_ref(&a.url));
+    let (tr, url) = (a.tr.clone(), b.url.clone());
+    std::thread::spawn(move || {
+        tr.add_peer(2, &[url]);
+        tr.send(vec![msg(MessageType::MsgHeartbeat, 1, 2, 31)]);
+    })
+    .join()
+    .unwrap();
+    assert_eq!(b.recv().await.index, 31);
+    let tr = a.tr.clone();
+    std::thread::spawn(move || {
+        tr.update_peer(2, &[]);
+        tr.remove_peer(2);
+    })
+    .join()
+    .unwrap();
+    assert!(a.tr.peer_status(2).is_none());
     a.stop().await;
     b.stop().await;
 }
