@@ -84,6 +84,11 @@ impl Encoder {
         self.crc
     }
 
+    /// File offset up to which frames have been written to the file (buffered ones excluded).
+    pub fn flushed(&self) -> u64 {
+        self.flushed
+    }
+
     /// File offset after the last encoded frame (buffered bytes included).
     pub fn offset(&self) -> u64 {
         self.flushed + self.buf.len() as u64

@@ -462,7 +462,10 @@ impl Wal {
         if r.is_ok() && !hs_empty {
             r = enc.encode_state(&tail.file, hs);
         }
-        let full = enc.offset() >= self.opts.segment_size;
+        // etcd compares the file position, i.e. what was written before this save's flush, so
+        // a segment is cut one save after it crosses the size. Same rule here, which keeps our
+        // segment boundaries (and so our files) identical to etcd's for the same saves.
+        let full = enc.flushed() >= self.opts.segment_size;
         self.check(r, "write")?;
         if let Some(last) = ents.last() {
             self.enti = last.index;
