@@ -213,7 +213,8 @@ fn digest(ents: &[Entry]) -> u32 {
 #[ignore = "produces files for the Go checker; run by hand"]
 fn write_wal_for_etcd_check() {
     let Some(out) = std::env::var_os("WAL_INTEROP_DIR") else {
-        panic!("set WAL_INTEROP_DIR");
+        eprintln!("WAL_INTEROP_DIR not set: nothing to do");
+        return;
     };
     let out = PathBuf::from(out);
     let _ = std::fs::remove_dir_all(&out);
