@@ -95,10 +95,10 @@ fn run_and_kill(dir: &Path, acks: usize) -> u64 {
     let reader = std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
-            if let Some(i) = line.strip_prefix("ack ") {
-                if tx.send(i.parse::<u64>().unwrap()).is_err() {
-                    break;
-                }
+            if let Some(i) = line.strip_prefix("ack ")
+                && tx.send(i.parse::<u64>().unwrap()).is_err()
+            {
+                break;
             }
         }
     });
