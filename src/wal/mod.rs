@@ -66,6 +66,7 @@ mod encoder;
 mod error;
 mod file_pipeline;
 pub(crate) mod pb;
+mod read;
 mod record;
 mod repair;
 mod util;
@@ -79,10 +80,10 @@ use std::time::{Duration, Instant};
 
 use raft::eraftpb::{ConfState, Entry, HardState};
 
-use decoder::{DecodeError, Decoder};
 use encoder::Encoder;
 pub use error::{RECOVERY_HINT, WalError};
 use file_pipeline::FilePipeline;
+pub use read::valid_snapshot_entries;
 use record::RecordType;
 use util::{SegmentName, wal_name};
 
@@ -305,96 +306,25 @@ impl Wal {
             handles.push((s.path.clone(), f));
         }
         let from_log_start = self.segments.first().is_some_and(|s| s.seq == 0);
-        let mut dec = Decoder::new(handles, from_log_start);
-        let start = self.start.clone();
-        let mut metadata: Option<Vec<u8>> = None;
-        let mut state = HardState::default();
-        let mut ents: Vec<Entry> = Vec::new();
-        let mut matched = false;
-        loop {
-            let frame = match dec.next() {
-                Ok(Some(f)) => f,
-                Ok(None) => break,
-                Err(DecodeError::Torn { offset, reason }) => {
-                    let tail = self.tail()?;
-                    repair::repair_torn_tail(&tail.file, &tail.path, offset, &reason)?;
-                    break;
-                }
-                Err(DecodeError::Fatal(e)) => return Err(e),
-            };
-            let path = &self.segments[frame.segment].path;
-            let corrupt = |what: &str, e: pb::PbError| WalError::Corrupt {
-                path: path.clone(),
-                offset: frame.offset,
-                reason: format!("{what} record passed its crc check but does not decode ({e})"),
-            };
-            match frame.rec_type {
-                RecordType::Entry => {
-                    let e = pb::decode_entry(frame.data).map_err(|e| corrupt("entry", e))?;
-                    if e.index > start.index {
-                        let up = e.index - start.index - 1;
-                        if up > ents.len() as u64 {
-                            return Err(WalError::EntryGap {
-                                path: path.clone(),
-                                offset: frame.offset,
-                                index: e.index,
-                                have: ents.len(),
-                                snap_index: start.index,
-                            });
-                        }
-                        ents.truncate(up as usize);
-                        self.enti = e.index;
-                        ents.push(e);
-                    } else {
-                        self.enti = e.index;
-                    }
-                }
-                RecordType::State => {
-                    state =
-                        pb::decode_hard_state(frame.data).map_err(|e| corrupt("hard state", e))?;
-                }
-                RecordType::Metadata => match &metadata {
-                    Some(m) if m.as_slice() != frame.data => {
-                        return Err(WalError::MetadataConflict {
-                            path: path.clone(),
-                            offset: frame.offset,
-                        });
-                    }
-                    Some(_) => {}
-                    None => metadata = Some(frame.data.to_vec()),
-                },
-                RecordType::Crc => {} // checked and applied by the decoder
-                RecordType::Snapshot => {
-                    let s = record::decode_wal_snapshot(frame.data)
-                        .map_err(|e| corrupt("snapshot", e))?;
-                    if s.index == start.index {
-                        if s.term != start.term {
-                            return Err(WalError::SnapshotMismatch {
-                                path: path.clone(),
-                                offset: frame.offset,
-                                index: s.index,
-                                want_term: start.term,
-                                found_term: s.term,
-                            });
-                        }
-                        matched = true;
-                    }
-                }
-            }
+        let r = read::replay(handles, from_log_start, &self.start)?;
+        if let Some((offset, reason)) = &r.torn {
+            let tail = self.tail()?;
+            repair::repair_torn_tail(&tail.file, &tail.path, *offset, reason)?;
         }
-        if !matched {
+        if !r.matched {
             return Err(WalError::SnapshotNotFound {
                 dir: self.dir.clone(),
-                index: start.index,
-                term: start.term,
+                index: self.start.index,
+                term: self.start.term,
             });
         }
-        self.encoder = Some(Encoder::new(dec.last_crc(), dec.last_offset()));
-        self.metadata = metadata.unwrap_or_default();
-        self.state = state.clone();
+        self.encoder = Some(Encoder::new(r.last_crc, r.last_offset));
+        self.enti = r.enti;
+        self.metadata = r.metadata.clone();
+        self.state = r.state.clone();
         self.start = WalSnapshot::default();
         self.pipeline = Some(FilePipeline::new(&self.dir, self.opts.segment_size)?);
-        Ok((self.metadata.clone(), state, ents))
+        Ok((r.metadata, r.state, r.ents))
     }
 
     fn tail(&self) -> Result<&Segment, WalError> {
@@ -620,55 +550,4 @@ fn must_sync(st: &HardState, prev: &HardState, entsnum: usize) -> bool {
 /// raft `IsEmptyHardState`.
 fn is_empty_hard_state(hs: &HardState) -> bool {
     hs.term == 0 && hs.vote == 0 && hs.commit == 0
-}
-
-/// etcd `ValidSnapshotEntries`: the snapshot markers of the log whose index is at most the
-/// commit index of the last hard state, i.e. snapshots a restart may start from. Reads every
-/// segment without locking; a torn tail simply ends the read.
-pub fn valid_snapshot_entries(dir: &Path) -> Result<Vec<WalSnapshot>, WalError> {
-    let names = util::read_wal_names(dir)?;
-    if names.is_empty() {
-        return Err(WalError::FileNotFound { dir: dir.into() });
-    }
-    if let Some((prev, next)) = util::first_seq_gap(&names) {
-        return Err(WalError::SequenceGap {
-            dir: dir.into(),
-            prev: prev.name.clone(),
-            next: next.name.clone(),
-        });
-    }
-    let mut handles = Vec::with_capacity(names.len());
-    for n in &names {
-        let path = dir.join(&n.name);
-        let f = File::open(&path).map_err(WalError::io("open segment", &path))?;
-        handles.push((path, f));
-    }
-    let mut dec = Decoder::new(handles, names[0].seq == 0);
-    let mut snaps = Vec::new();
-    let mut state = HardState::default();
-    loop {
-        let frame = match dec.next() {
-            Ok(Some(f)) => f,
-            Ok(None) | Err(DecodeError::Torn { .. }) => break,
-            Err(DecodeError::Fatal(e)) => return Err(e),
-        };
-        let bad = |e: pb::PbError| WalError::Corrupt {
-            path: dec_path(&names, dir, frame.segment),
-            offset: frame.offset,
-            reason: format!("record passed its crc check but does not decode ({e})"),
-        };
-        match frame.rec_type {
-            RecordType::Snapshot => {
-                snaps.push(record::decode_wal_snapshot(frame.data).map_err(bad)?)
-            }
-            RecordType::State => state = pb::decode_hard_state(frame.data).map_err(bad)?,
-            _ => {}
-        }
-    }
-    snaps.retain(|s| s.index <= state.commit);
-    Ok(snaps)
-}
-
-fn dec_path(names: &[SegmentName], dir: &Path, i: usize) -> PathBuf {
-    dir.join(&names[i].name)
 }
