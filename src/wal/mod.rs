@@ -128,6 +128,10 @@ struct Segment {
 }
 
 /// An open write-ahead log. See the module documentation for the lifecycle.
+///
+/// Dropping a `Wal` without [`Wal::close`] releases its locks but does not sync: a buffered
+/// commit-only hard state is lost (which raft tolerates; entries, term and vote are always
+/// synced by `save`).
 pub struct Wal {
     dir: PathBuf,
     opts: WalOptions,

@@ -175,6 +175,13 @@ fn read_all_replays_overwrites_and_snapshots() {
 }
 
 #[test]
+fn wal_can_move_between_threads() {
+    fn assert_send<T: Send>() {}
+    assert_send::<Wal>();
+    assert_send::<WalError>();
+}
+
+#[test]
 fn must_sync_rules() {
     let prev = hs(2, 1, 5);
     assert!(must_sync(&hs(2, 1, 5), &prev, 1), "new entries");
@@ -451,7 +458,7 @@ proptest! {
     /// Random batches of entries and hard states (with overwrites) read back exactly.
     #[test]
     fn round_trip(batches in prop::collection::vec(
-        (prop::collection::vec(arb_entry_data(), 0..8), 0u64..3, any::<bool>(), 0u64..4),
+        (prop::collection::vec(arb_entry_data(), 0..8), 0u64..3, any::<bool>(), 0u64..4, any::<bool>()),
         1..20,
     )) {
         let tmp = tempfile::tempdir().unwrap();
@@ -460,7 +467,8 @@ proptest! {
         let mut model: Vec<Entry> = Vec::new();
         let mut state = HardState::default();
         let mut term = 1;
-        for (datas, back, ctx, vote) in batches {
+        let mut markers = vec![WalSnapshot::default()];
+        for (datas, back, ctx, vote, mark) in batches {
             term += 1;
             let first = (model.len() as u64 + 1).saturating_sub(back).max(1);
             let ents: Vec<Entry> = datas.iter().enumerate().map(|(i, d)| {
@@ -474,9 +482,17 @@ proptest! {
             }
             let h = hs(term, vote, model.len() as u64 / 2);
             w.save(&h, &ents).unwrap();
+            if mark && h.commit > 0 {
+                let cs = ConfState { voters: vec![1, vote + 2], auto_leave: ctx, ..Default::default() };
+                let m = WalSnapshot { index: h.commit, term, conf_state: Some(cs) };
+                w.save_snapshot(&m).unwrap();
+                markers.push(m);
+            }
             state = h;
         }
         w.close().unwrap();
+        markers.retain(|m| m.index <= state.commit);
+        prop_assert_eq!(valid_snapshot_entries(&dir).unwrap(), markers);
         let (md, st, got) = read_back(&dir, &snap(0, 0)).unwrap();
         prop_assert_eq!(md, b"md".to_vec());
         prop_assert_eq!(st, state);
