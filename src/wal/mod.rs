@@ -51,7 +51,10 @@
 //!
 //! `read_all` repairs a torn write at the end of the last segment (see `repair`): the partial
 //! frame was never acknowledged, so it is cut off with a warning. Any other damage (a checksum
-//! mismatch, a malformed record, a missing segment) fails with the segment path and byte offset.
+//! mismatch, a malformed record, non-zero padding, a missing segment) fails with the segment
+//! path and byte offset. One blind spot is inherited from the format: the CRC covers a record's
+//! data but not its type, so a bit flip turning e.g. an entry (2) into a hard state (3) is only
+//! caught by the checks that follow (a gap in entry indexes, conflicting metadata).
 //!
 //! # Beyond raftexample
 //!

@@ -18,6 +18,12 @@
 //!    field are an intact record (its CRC chains) of a different length, the length is corrupt;
 //! 3. a torn write is the *end* of the log, so if an intact record follows the damaged one
 //!    (CRC-chained to it), or any two CRC-chained records follow it, it is corruption.
+//!
+//! The price of safeguard 3: after a power loss that persisted a later part of an unsynced
+//! batch but lost an earlier sector of it, opening refuses with a corruption error although the
+//! records involved were never acknowledged. A false alarm that an operator can inspect (the
+//! `.broken` copy is not made in that case; the file is untouched) is preferred to silently
+//! cutting off records that were acknowledged.
 
 use std::fmt;
 use std::fs::File;
