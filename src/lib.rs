@@ -32,6 +32,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod fileutil;
 pub mod httpapi;
 pub mod kvstore;
 pub mod metrics;

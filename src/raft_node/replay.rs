@@ -59,7 +59,7 @@ pub(super) fn open_or_bootstrap(
     let wal_snaps = crate::wal::valid_snapshot_entries(&wal_dir)?;
     let snapshot = match snapshotter.load_newest_available(&wal_snaps) {
         Ok(s) => Some(s),
-        Err(SnapError::NoSnapshot) => None,
+        Err(SnapError::NoSnapshot { .. }) => None,
         Err(e) => return Err(e.into()),
     };
     let walsnap = snapshot

@@ -1,11 +1,19 @@
-//! Benchmarks: plain `fn main` programs that print figures for the README.
-//! Run with `cargo bench --bench benches` (optionally a filter: `-- transport`).
+//! Benchmarks: plain `fn main` programs that print figures for the README (no harness).
+//!
+//! Run: `cargo bench --bench benches [-- FILTER] [-- DIR]`. FILTER picks `wal` or
+//! `transport`; DIR is where the WAL benchmark writes (default: a temporary directory).
 
 mod transport;
+mod wal;
 
 fn main() {
-    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
-    let wants = |name: &str| filter.as_deref().is_none_or(|f| name.contains(f));
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let filter = args.iter().find(|a| *a == "wal" || *a == "transport").cloned();
+    let dir = args.iter().find(|a| *a != "wal" && *a != "transport").cloned();
+    let wants = |name: &str| filter.as_deref().is_none_or(|f| f == name);
+    if wants("wal") {
+        wal::run(dir.as_deref().map(std::path::Path::new));
+    }
     if wants("transport") {
         transport::run();
     }

@@ -15,3 +15,7 @@ mod raftexample;
 mod rafthttp;
 /// Snapshots and log compaction.
 mod snapshot;
+/// On-disk compatibility with etcd's Go `wal` and `snap` packages (fixtures in tests/data/).
+mod wal_interop;
+/// SIGKILL during a write loop: every acknowledged entry survives (re-executes this binary).
+mod wal_recovery;
