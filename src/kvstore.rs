@@ -238,6 +238,7 @@ impl KvStore {
             // The value keeps pointing into the entry's buffer: no copy.
             pairs.push((kv.key.to_owned(), data.slice_ref(kv.val)));
         }
+        crate::metrics::ENTRIES_APPLIED.inc_by(pairs.len() as u64);
         {
             let mut map = self.write();
             for (k, v) in pairs {

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use super::node::{Flow, RaftNode};
+use super::proposals::{self, Sessions, Verdict};
 use super::{Commit, NodeError};
 use crate::wal::WalSnapshot;
 
@@ -27,6 +28,8 @@ use crate::wal::WalSnapshot;
 struct SnapshotData {
     members: BTreeMap<u64, String>,
     removed: BTreeSet<u64>,
+    /// Client sessions: the last applied sequence number per proposing node.
+    sessions: Sessions,
     #[serde(with = "serde_bytes")]
     kv: Vec<u8>,
 }
@@ -82,7 +85,16 @@ impl RaftNode {
             match e.get_entry_type() {
                 // An empty entry is the leader's no-op at the start of its term.
                 EntryType::EntryNormal if e.data.is_empty() => {}
-                EntryType::EntryNormal => data.push(e.data),
+                EntryType::EntryNormal => match proposals::admit(&mut self.sessions, &e.data) {
+                    Ok(Verdict::Apply(payload)) => data.push(payload),
+                    Ok(Verdict::Skip) => {}
+                    Err(reason) => {
+                        return Err(NodeError::BadEntry {
+                            index: e.index,
+                            reason,
+                        });
+                    }
+                },
                 EntryType::EntryConfChange => {
                     let mut cc = ConfChange::default();
                     cc.merge_from_bytes(&e.data).map_err(|err| {
@@ -103,6 +115,9 @@ impl RaftNode {
                 }
             }
         }
+        if let Some(&seq) = self.sessions.get(&self.proposer.origin()) {
+            self.proposer.confirm(seq);
+        }
         crate::metrics::ENTRIES_COMMITTED.inc_by(data.len() as u64);
         // After the loop, as Go: the applied index moves before the store has applied, which
         // is why snapshots wait for `apply_done`.
@@ -121,7 +136,22 @@ impl RaftNode {
 
     /// Applies one conf change; returns true if it removed this node.
     fn apply_conf_change(&mut self, cc: &ConfChange) -> Result<bool, NodeError> {
-        self.conf_state = self.node.apply_conf_change(cc)?;
+        if self
+            .conf_change_in_flight
+            .as_ref()
+            .is_some_and(|(mine, _)| mine.id == cc.id)
+        {
+            self.conf_change_in_flight = None;
+        }
+        // A change raft cannot apply (e.g. removing the last voter) is skipped, the same way on
+        // every node, rather than stopping them all.
+        self.conf_state = match self.node.apply_conf_change(cc) {
+            Ok(cs) => cs,
+            Err(e) => {
+                tracing::warn!(node = cc.node_id, "conf change not applied: {e}");
+                return Ok(false);
+            }
+        };
         self.storage.set_conf_state(self.conf_state.clone());
         let id = cc.node_id;
         match cc.get_change_type() {
@@ -171,6 +201,10 @@ impl RaftNode {
             }
         }
         self.members = payload.members;
+        self.sessions = payload.sessions;
+        if let Some(&seq) = self.sessions.get(&self.proposer.origin()) {
+            self.proposer.confirm(seq);
+        }
         self.removed
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -236,12 +270,15 @@ impl RaftNode {
                 .iter()
                 .copied()
                 .collect(),
+            sessions: self.sessions.clone(),
             kv: (self.get_snapshot)(),
         };
-        let mut snap = Snapshot::default();
-        snap.data = bincode::serialize(&payload)
-            .expect("invariant: serializing strings and bytes into memory cannot fail")
-            .into();
+        let mut snap = Snapshot {
+            data: bincode::serialize(&payload)
+                .expect("invariant: serializing strings and bytes into memory cannot fail")
+                .into(),
+            ..Default::default()
+        };
         let meta = snap.mut_metadata();
         meta.index = applied;
         meta.term = self.storage.term(applied)?;

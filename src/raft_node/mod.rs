@@ -24,6 +24,7 @@
 mod apply;
 mod logger;
 mod node;
+mod proposals;
 mod read_index;
 mod replay;
 pub mod storage;
@@ -170,6 +171,14 @@ pub enum NodeError {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// A committed entry was not written by this program.
+    #[error("raft log entry {index} is unreadable: {reason}")]
+    BadEntry {
+        /// Raft index of the entry.
+        index: u64,
+        /// What was wrong.
+        reason: String,
+    },
     /// A snapshot's payload could not be decoded.
     #[error("snapshot at index {index} is unreadable: {reason}")]
     BadSnapshot {
@@ -247,7 +256,6 @@ impl rafthttp::Raft for NodeHandle {
     fn report_snapshot(&self, id: u64, status: SnapshotStatus) {
         let _ = self.reports.send(Report::Snapshot(id, status));
     }
-
 }
 
 /// The node's input channels: *proposeC*, *confChangeC* and *readIndexC*.

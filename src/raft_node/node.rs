@@ -9,6 +9,7 @@ use raft::{RawNode, StateRole, Storage};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::proposals::{Proposer, Sessions};
 use super::read_index::Reads;
 use super::storage::RaftStorage;
 use super::{Commit, Config, GetSnapshot, NodeError, Report, logger, replay};
@@ -19,8 +20,9 @@ use crate::rafthttp::Transport;
 use crate::snap::Snapshotter;
 use crate::wal::Wal;
 
-/// How many proposals may wait for a leader before *proposeC* pushes back on the HTTP
-/// handlers (etcd's `node.Propose` blocks instead; this is the same back-pressure).
+/// How many of this node's proposals may be outstanding (waiting for a leader, or proposed
+/// but not yet applied) before *proposeC* pushes back on the HTTP handlers (etcd's
+/// `node.Propose` blocks instead; this is the same back-pressure).
 const MAX_PENDING_PROPOSALS: usize = 4096;
 
 /// The channels the loop selects over; kept apart from [`RaftNode`] so the `select!` can borrow
@@ -63,9 +65,17 @@ pub(super) struct RaftNode {
     pub(super) members: BTreeMap<u64, String>,
     /// Removed ids, shared with the transport's `is_id_removed`.
     pub(super) removed: Arc<RwLock<HashSet<u64>>>,
-    // --- proposals waiting for a leader, linearizable reads in progress
-    pending_proposals: VecDeque<Vec<u8>>,
+    // --- this node's proposals until applied, linearizable reads in progress
+    pub(super) proposer: Proposer,
+    /// Last sequence number applied per proposing node (replicated state, see `proposals`).
+    pub(super) sessions: Sessions,
+    /// The leader the outstanding proposals were sent to.
+    proposed_to: u64,
     pending_conf_changes: VecDeque<ConfChange>,
+    /// The conf change proposed and not yet seen applied, and when it was proposed. raft
+    /// turns a conf change into an empty entry while another is pending, so they go one at a
+    /// time and are proposed again until applied.
+    pub(super) conf_change_in_flight: Option<(ConfChange, std::time::Instant)>,
     conf_change_count: u64,
     pub(super) reads: Reads,
     // --- what the outside sees of the node
@@ -127,8 +137,11 @@ impl RaftNode {
             commit_tx,
             get_snapshot,
             removed,
-            pending_proposals: VecDeque::new(),
+            proposer: Proposer::new(),
+            sessions: Sessions::new(),
+            proposed_to: 0,
             pending_conf_changes: VecDeque::new(),
+            conf_change_in_flight: None,
             conf_change_count: 0,
             reads: Reads::default(),
             status_tx,
@@ -158,7 +171,7 @@ impl RaftNode {
                 tracing::info!("I've been removed from the cluster! Shutting down.");
                 break Ok(());
             }
-            let room = self.pending_proposals.len() < MAX_PENDING_PROPOSALS;
+            let room = self.proposer.len() < MAX_PENDING_PROPOSALS;
             let deadline = stopping.unwrap_or_else(tokio::time::Instant::now);
             tokio::select! {
                 biased;
@@ -191,7 +204,7 @@ impl RaftNode {
                     }
                 }
                 p = inputs.propose_rx.recv(), if room => match p {
-                    Some(p) => self.pending_proposals.push_back(p),
+                    Some(p) => self.proposer.push(&p),
                     // Every proposer is gone: the Go original's "close(proposeC)" shutdown.
                     None => break Ok(()),
                 },
@@ -295,9 +308,9 @@ impl RaftNode {
         while let Ok(r) = inputs.report_rx.try_recv() {
             self.report(r);
         }
-        while self.pending_proposals.len() < MAX_PENDING_PROPOSALS {
+        while self.proposer.len() < MAX_PENDING_PROPOSALS {
             match inputs.propose_rx.try_recv() {
-                Ok(p) => self.pending_proposals.push_back(p),
+                Ok(p) => self.proposer.push(&p),
                 Err(_) => break,
             }
         }
@@ -333,7 +346,7 @@ impl RaftNode {
 
     /// Whether raft would accept a proposal now. raft-rs *drops* a proposal made while no
     /// leader is known, by a candidate, or during a leadership transfer (etcd would block), so
-    /// proposals wait in `pending_proposals` until this holds.
+    /// proposals wait in the proposer until this holds.
     fn can_propose(&self) -> bool {
         let r = &self.node.raft;
         match r.state {
@@ -349,12 +362,19 @@ impl RaftNode {
         if !self.can_propose() {
             return;
         }
-        if !self.pending_proposals.is_empty() {
-            let entries: Vec<Entry> = self
-                .pending_proposals
-                .drain(..)
+        // Proposals sent to a leader that is gone may be lost with it; so may any that made no
+        // progress for a while. Propose them again: applying is idempotent (`proposals`).
+        let leader = self.node.raft.leader_id;
+        if leader != self.proposed_to || self.proposer.stalled() {
+            self.proposed_to = leader;
+            self.proposer.restart();
+        }
+        let unproposed = self.proposer.take_unproposed();
+        if !unproposed.is_empty() {
+            let entries: Vec<Entry> = unproposed
+                .into_iter()
                 .map(|data| Entry {
-                    data: data.into(),
+                    data,
                     ..Default::default()
                 })
                 .collect();
@@ -372,11 +392,29 @@ impl RaftNode {
                 }
             }
         }
-        while let Some(mut cc) = self.pending_conf_changes.pop_front() {
-            self.conf_change_count += 1;
-            cc.id = self.conf_change_count;
-            if let Err(e) = self.node.propose_conf_change(vec![], cc) {
-                tracing::error!("raft dropped a conf change: {e}");
+        let retry = self
+            .conf_change_in_flight
+            .as_ref()
+            .is_some_and(|(_, at)| at.elapsed() >= super::proposals::RETRY_AFTER);
+        if self.conf_change_in_flight.is_none() {
+            if let Some(mut cc) = self.pending_conf_changes.pop_front() {
+                // Counts up per node, as in Go; the node id in the high bits keeps ids from
+                // different nodes apart, so each node recognizes its own when applied.
+                self.conf_change_count += 1;
+                cc.id = (self.cfg.id << 48) | self.conf_change_count;
+                self.conf_change_in_flight = Some((cc, std::time::Instant::now()));
+                self.propose_conf_change();
+            }
+        } else if retry {
+            self.propose_conf_change();
+        }
+    }
+
+    fn propose_conf_change(&mut self) {
+        if let Some((cc, at)) = &mut self.conf_change_in_flight {
+            *at = std::time::Instant::now();
+            if let Err(e) = self.node.propose_conf_change(vec![], cc.clone()) {
+                tracing::warn!("conf change not accepted yet, will retry: {e}");
             }
         }
     }

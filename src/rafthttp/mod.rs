@@ -86,8 +86,10 @@ pub trait Raft: Send + Sync + 'static {
 /// Why [`Raft::process`] refused a message.
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
+    /// The sender was removed from the cluster (answered 403).
     #[error("member removed")]
     MemberRemoved,
+    /// The raft node has stopped.
     #[error("raft node stopped")]
     Stopped,
 }

@@ -25,12 +25,21 @@ pub const MAX_FRAME_BYTES: u64 = 512 * 1024 * 1024;
 /// Why a frame could not be encoded or decoded.
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
+    /// A frame's length is above the reader's limit.
     #[error("frame of {len} bytes exceeds the limit of {limit} bytes")]
-    TooLarge { len: u64, limit: u64 },
+    TooLarge {
+        /// The announced length.
+        len: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// The frame's protobuf does not decode.
     #[error("malformed protobuf in frame: {0}")]
     Protobuf(#[from] protobuf::ProtobufError),
+    /// A msgappv2 frame starts with an unknown type byte.
     #[error("unknown msgappv2 frame type {0:#04x}")]
     UnknownType(u8),
+    /// The stream ended in the middle of a frame.
     #[error("stream ended inside a frame ({0} bytes of it received)")]
     Truncated(usize),
 }
@@ -47,11 +56,13 @@ pub enum Decoded {
 
 /// Turns messages into frames appended to a batch buffer.
 pub trait Encoder: Send {
+    /// Appends `m`'s frame to `out`.
     fn encode(&mut self, m: &Message, out: &mut Vec<u8>) -> Result<(), CodecError>;
 }
 
 /// Takes frames off the front of a receive buffer.
 pub trait Decoder: Send {
+    /// Decodes the frame at the front of `buf`, if whole.
     fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, CodecError>;
 }
 
@@ -83,6 +94,7 @@ pub struct MessageDecoder {
 }
 
 impl MessageDecoder {
+    /// A decoder refusing frames longer than `limit` bytes.
     pub fn new(limit: u64) -> MessageDecoder {
         MessageDecoder { limit }
     }

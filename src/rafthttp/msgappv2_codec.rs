@@ -59,6 +59,7 @@ pub struct MsgAppV2Encoder {
 }
 
 impl MsgAppV2Encoder {
+    /// An encoder at the start of a connection (term and index 0).
     pub fn new() -> MsgAppV2Encoder {
         MsgAppV2Encoder::default()
     }
@@ -120,6 +121,7 @@ struct Scan {
 }
 
 impl MsgAppV2Decoder {
+    /// A decoder for the stream from `remote` to `local`, at the start of a connection.
     pub fn new(local: u64, remote: u64) -> MsgAppV2Decoder {
         MsgAppV2Decoder::with_limit(local, remote, MAX_FRAME_BYTES)
     }

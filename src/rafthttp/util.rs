@@ -26,10 +26,15 @@ pub const MIN_CLUSTER_VERSION: &str = "3.0.0";
 const DEFAULT_VERSION: &str = "2.0.0";
 
 /// Header names, as etcd spells them (header lookups are case-insensitive).
+/// The sender's member id, hex.
 pub const HDR_FROM: &str = "x-server-from";
+/// The sender's etcd version (semver).
 pub const HDR_SERVER_VERSION: &str = "x-server-version";
+/// The oldest etcd version the sender's cluster accepts (semver).
 pub const HDR_MIN_CLUSTER_VERSION: &str = "x-min-cluster-version";
+/// The cluster id, hex.
 pub const HDR_CLUSTER_ID: &str = "x-etcd-cluster-id";
+/// The member a stream dial is meant for, hex.
 pub const HDR_RAFT_TO: &str = "x-raft-to";
 
 /// Formats an id as etcd does: lowercase hex, no leading zeros, `0` for zero.
@@ -50,8 +55,10 @@ pub fn parse_id(s: &str) -> Option<u64> {
 /// the exact 412 bodies Go clients compare against (`http.go:40-45`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum CompatError {
+    /// Versions do not overlap.
     #[error("incompatible version")]
     IncompatibleVersion,
+    /// The sender belongs to another cluster.
     #[error("cluster ID mismatch")]
     ClusterIdMismatch,
 }
@@ -127,6 +134,7 @@ pub type ReqBody = BoxBody<Bytes, Infallible>;
 /// posts reuse idle keep-alive connections from the pool.
 pub type HttpClient = Client<HttpConnector, ReqBody>;
 
+/// The client for pipeline posts, probes and snapshots: keep-alive, `TCP_NODELAY`.
 pub fn new_client() -> HttpClient {
     let mut conn = HttpConnector::new();
     conn.set_nodelay(true);
@@ -166,28 +174,45 @@ pub fn raft_request(
 /// and turned into `report_unreachable` for raft.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
+    /// A peer URL does not parse.
     #[error("invalid peer URL {url:?} ({reason}); fix the peer list")]
-    BadUrl { url: String, reason: String },
+    BadUrl {
+        /// The URL.
+        url: String,
+        /// Why it is invalid.
+        reason: String,
+    },
+    /// The peer has no URL to send to.
     #[error("peer has no URL")]
     NoUrl,
+    /// Building the HTTP request failed.
     #[error("could not build request: {0}")]
     Request(#[from] axum::http::Error),
+    /// The request failed (connection refused, reset...).
     #[error("HTTP request failed: {0}")]
     Http(#[from] hyper_util::client::legacy::Error),
+    /// The response body could not be read.
     #[error("reading the response failed: {0}")]
     Body(#[from] hyper::Error),
+    /// No answer in time.
     #[error("no answer within {0:?}")]
     Timeout(Duration),
+    /// 412: incompatible version or cluster id.
     #[error("peer refused the request: {0} (check versions and cluster id)")]
     Precondition(String),
+    /// 403/410: this member was removed.
     #[error("peer says this member was removed from the cluster")]
     MemberRemoved,
+    /// 404: the peer does not know this member.
     #[error("peer does not know this member (is it in the peer's cluster list?)")]
     NotFound,
+    /// The peer is too old for this stream type.
     #[error("peer runs version {0}, which has no stream of this type")]
     UnsupportedStream(String),
+    /// Any other status.
     #[error("unexpected HTTP status {0}")]
     Status(StatusCode),
+    /// The message could not be encoded.
     #[error("could not encode message: {0}")]
     Encode(#[from] super::msg_codec::CodecError),
 }

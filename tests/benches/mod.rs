@@ -7,9 +7,18 @@ mod transport;
 mod wal;
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
-    let filter = args.iter().find(|a| *a == "wal" || *a == "transport").cloned();
-    let dir = args.iter().find(|a| *a != "wal" && *a != "transport").cloned();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let filter = args
+        .iter()
+        .find(|a| *a == "wal" || *a == "transport")
+        .cloned();
+    let dir = args
+        .iter()
+        .find(|a| *a != "wal" && *a != "transport")
+        .cloned();
     let wants = |name: &str| filter.as_deref().is_none_or(|f| f == name);
     if wants("wal") {
         wal::run(dir.as_deref().map(std::path::Path::new));

@@ -70,9 +70,18 @@ impl NodeProcess {
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.kv_port));
         while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
             if let Ok(Some(status)) = child.try_wait() {
-                panic!("node {} exited at start ({status})\n{}", self.id, self.logs());
+                panic!(
+                    "node {} exited at start ({status})\n{}",
+                    self.id,
+                    self.logs()
+                );
             }
-            assert!(Instant::now() < deadline, "node {} did not start listening\n{}", self.id, self.logs());
+            assert!(
+                Instant::now() < deadline,
+                "node {} did not start listening\n{}",
+                self.id,
+                self.logs()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         self.child = Some(child);
