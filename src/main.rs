@@ -73,6 +73,9 @@ async fn run(args: Args) -> Result<(), String> {
     let mut applier = tokio::spawn(kvs.clone().read_commits(commit_rx));
 
     let http_stop = CancellationToken::new();
+    // Closing an input channel stops the node (Go's contract); on a graceful shutdown the HTTP
+    // server goes first, so this clone keeps confChangeC open until the node is told to stop.
+    let _conf_change_open = conf_change_tx.clone();
     let mut http = tokio::spawn(httpapi::serve(
         kv_listener,
         httpapi::router(kvs, conf_change_tx, args.request_timeout, Some(status)),

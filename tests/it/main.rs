@@ -7,6 +7,8 @@ mod support;
 mod bench;
 /// Adding and removing nodes.
 mod membership;
+/// Linearizable requests, operations endpoints, graceful shutdown, flags.
+mod operations;
 /// The README flows on real `raftexample` processes.
 mod process_cluster;
 /// Ports of the Go raftexample tests, on in-process clusters wired by their channels.
