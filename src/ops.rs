@@ -79,6 +79,9 @@ struct PeerView {
     url: String,
     active: bool,
     active_since_unix_ms: Option<u128>,
+    last_rtt_ms: Option<f64>,
+    streams_attached: bool,
+    queued_messages: usize,
 }
 
 async fn status_json(State(ops): State<Ops>) -> Response {
@@ -87,16 +90,28 @@ async fn status_json(State(ops): State<Ops>) -> Response {
         .members
         .iter()
         .filter(|(id, _)| *id != st.id)
-        .map(|(id, url)| {
-            let since = ops.transport.active_since(*id);
-            PeerView {
+        .map(|(id, url)| match ops.transport.peer_status(*id) {
+            Some(p) => PeerView {
                 id: *id,
-                url: url.clone(),
-                active: since.is_some(),
-                active_since_unix_ms: since
+                url: p.url,
+                active: p.active,
+                active_since_unix_ms: p
+                    .active_since
                     .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                     .map(|d| d.as_millis()),
-            }
+                last_rtt_ms: p.last_rtt.map(|d| d.as_secs_f64() * 1000.0),
+                streams_attached: p.msgapp_stream && p.message_stream,
+                queued_messages: p.queued,
+            },
+            None => PeerView {
+                id: *id,
+                url: url.clone(),
+                active: false,
+                active_since_unix_ms: None,
+                last_rtt_ms: None,
+                streams_attached: false,
+                queued_messages: 0,
+            },
         })
         .collect();
     let mut v = serde_json::to_value(&st).unwrap_or_default();

@@ -109,7 +109,23 @@ async fn operations_endpoints_follow_the_cluster() {
     assert_eq!(before["id"], 1);
     assert_eq!(before["leader"], leader);
     assert!(["leader", "follower"].contains(&before["state"].as_str().expect("state")));
-    assert_eq!(before["peers"].as_array().expect("peers").len(), 2);
+    let peers = before["peers"].as_array().expect("peers");
+    assert_eq!(peers.len(), 2);
+    for p in peers {
+        assert_eq!(p["active"], true, "{p}");
+        assert!(
+            p["url"]
+                .as_str()
+                .expect("url")
+                .starts_with("http://127.0.0.1:")
+        );
+    }
+    // The transport probes peers every few seconds and keeps the round-trip time.
+    poll_until(T, "a probed round-trip time", || async {
+        let st = status(&raft1).await?;
+        st["peers"][0]["last_rtt_ms"].as_f64()
+    })
+    .await;
     let applied_before = before["applied"].as_u64().expect("applied");
     let metric_before = metric(&raft1, "raftexample_applied_index").await;
 
