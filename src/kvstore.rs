@@ -79,7 +79,7 @@ pub struct KvStore {
     applied: Arc<watch::Sender<u64>>,
     /// Clients waiting for their write to apply, by request id.
     waiters: Arc<Mutex<HashMap<u64, oneshot::Sender<()>>>>,
-    /// The next request id; starts from the clock so ids differ across nodes and restarts.
+    /// The next request id; starts at random so ids differ across nodes and restarts.
     next_req: Arc<AtomicU64>,
 }
 
@@ -87,10 +87,9 @@ impl KvStore {
     /// An empty store that proposes into `propose_tx`. The raft node fills it through
     /// [`KvStore::read_commits`], starting with its snapshot if it has one.
     pub fn new(propose_tx: mpsc::Sender<Vec<u8>>) -> KvStore {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64)
-            | 1;
+        // Random per process, so that two nodes' waiter ids never meet (a waiter is woken by
+        // whichever entry carries its id).
+        let seed = crate::raft_node::random_u64() | 1;
         KvStore {
             propose_tx,
             read_index_tx: None,

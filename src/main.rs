@@ -85,7 +85,7 @@ async fn run(args: Args) -> Result<(), String> {
 
     // Run until the node stops by itself (an error, or removed from the cluster), or a signal.
     let outcome = tokio::select! {
-        r = &mut error_rx => return finish(r.unwrap_or(Ok(())).map_err(|e| e.to_string()), http_stop, http).await,
+        r = &mut error_rx => return finish(node_outcome(r), http_stop, http).await,
         r = &mut applier => {
             let e = match r {
                 Ok(Ok(())) => "the key-value store stopped".to_string(),
@@ -110,9 +110,19 @@ async fn run(args: Args) -> Result<(), String> {
     stop_node.cancel();
     let stopped = tokio::time::timeout(Duration::from_secs(10), error_rx)
         .await
-        .map_err(|_| "the raft node did not stop within 10 s".to_string())?
-        .unwrap_or(Ok(()));
-    outcome.and(stopped.map_err(|e| e.to_string()))
+        .map_err(|_| "the raft node did not stop within 10 s".to_string())?;
+    outcome.and(node_outcome(stopped))
+}
+
+/// What errorC said: a clean stop, an error, or nothing at all (the loop died without a word).
+fn node_outcome(
+    r: Result<Result<(), raft_node::NodeError>, tokio::sync::oneshot::error::RecvError>,
+) -> Result<(), String> {
+    match r {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("the raft node stopped without reporting why; see the log above".into()),
+    }
 }
 
 /// The node stopped by itself: close the HTTP server too.

@@ -34,6 +34,16 @@ struct SnapshotData {
     kv: Vec<u8>,
 }
 
+/// Checks that a snapshot's payload decodes, before it is saved.
+pub(super) fn check_snapshot_payload(snap: &Snapshot) -> Result<(), NodeError> {
+    bincode::deserialize::<SnapshotData>(&snap.data)
+        .map(|_| ())
+        .map_err(|e| NodeError::BadSnapshot {
+            index: snap.get_metadata().index,
+            reason: e.to_string(),
+        })
+}
+
 /// The committed entries not yet applied: raft may hand out entries again around a snapshot.
 ///
 /// # Errors
@@ -139,9 +149,24 @@ impl RaftNode {
         if self
             .conf_change_in_flight
             .as_ref()
-            .is_some_and(|(mine, _)| mine.id == cc.id)
+            .is_some_and(|(mine, _)| {
+                mine.id == cc.id
+                    && mine.node_id == cc.node_id
+                    && mine.get_change_type() == cc.get_change_type()
+            })
         {
             self.conf_change_in_flight = None;
+        }
+        // A removed id never comes back (its node still holds its old log and its peers refuse
+        // it): a late or repeated AddNode for it is skipped, the same way on every node, since
+        // the removed set is replicated state.
+        let is_add = matches!(
+            cc.get_change_type(),
+            ConfChangeType::AddNode | ConfChangeType::AddLearnerNode
+        );
+        if is_add && self.is_removed(cc.node_id) {
+            tracing::warn!(node = cc.node_id, "ignoring AddNode of a removed member");
+            return Ok(false);
         }
         // A change raft cannot apply (e.g. removing the last voter) is skipped, the same way on
         // every node, rather than stopping them all.
@@ -181,6 +206,13 @@ impl RaftNode {
         Ok(false)
     }
 
+    pub(super) fn is_removed(&self, id: u64) -> bool {
+        self.removed
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .contains(&id)
+    }
+
     /// Hands a snapshot (received, or loaded at start) to the store and adopts its membership.
     pub(super) async fn publish_snapshot(&mut self, snap: &Snapshot) -> Result<(), NodeError> {
         let meta = snap.get_metadata();
@@ -197,7 +229,16 @@ impl RaftNode {
             })?;
         for (&id, url) in &payload.members {
             if id != self.cfg.id && self.members.get(&id) != Some(url) {
-                self.transport.add_peer(id, std::slice::from_ref(url));
+                if self.members.contains_key(&id) {
+                    self.transport.update_peer(id, std::slice::from_ref(url));
+                } else {
+                    self.transport.add_peer(id, std::slice::from_ref(url));
+                }
+            }
+        }
+        for id in payload.removed.iter() {
+            if *id != self.cfg.id && self.members.contains_key(id) {
+                self.transport.remove_peer(*id);
             }
         }
         self.members = payload.members;
@@ -226,9 +267,9 @@ impl RaftNode {
             .map_err(|_| NodeError::Config("the key-value store stopped reading commits".into()))
     }
 
-    /// Saves a snapshot: the file first, then its WAL record, then old WAL segments go. A crash
-    /// in between leaves an extra snapshot file, which is harmless: at start only a snapshot
-    /// recorded in the WAL is used (etcd#12691).
+    /// Saves a snapshot: the file first, then its WAL record (synced). A crash in between
+    /// leaves an extra snapshot file, which is harmless: at start only a snapshot recorded in
+    /// the WAL is used (etcd#12691). Old WAL segments go later, in [`RaftNode::release_wal`].
     pub(super) fn save_snap(&mut self, snap: &Snapshot) -> Result<(), NodeError> {
         let meta = snap.get_metadata();
         let walsnap = WalSnapshot {
@@ -238,7 +279,21 @@ impl RaftNode {
         };
         self.snapshotter.save_snap(snap)?;
         self.wal.save_snapshot(&walsnap)?;
-        self.wal.release_lock_to(meta.index)?;
+        self.snapshots_saved.push(meta.index);
+        Ok(())
+    }
+
+    /// Deletes the WAL segments that only the snapshot *before* the newest one needs. Keeping
+    /// one generation back is etcd's safety net: if the newest snapshot file turns out
+    /// unreadable at start, the previous snapshot plus the WAL from it still restores the node.
+    /// Call only once the newest snapshot is committed in the WAL's hard state.
+    pub(super) fn release_wal(&mut self) -> Result<(), NodeError> {
+        if self.snapshots_saved.len() < 2 {
+            return Ok(());
+        }
+        let keep_from = self.snapshots_saved[self.snapshots_saved.len() - 2];
+        self.snapshots_saved.drain(..self.snapshots_saved.len() - 2);
+        self.wal.release_lock_to(keep_from)?;
         Ok(())
     }
 
@@ -252,8 +307,13 @@ impl RaftNode {
             return Ok(());
         }
         if let Some(done) = apply_done {
-            // Dropped without a signal means the store is gone; the next publish will fail.
-            let _ = done.await;
+            // Dropped without a signal: the store failed before applying the batch, so its
+            // state is not the one at `applied`. A snapshot of it would lose that batch.
+            done.await.map_err(|_| {
+                NodeError::Config(
+                    "the key-value store stopped before applying a batch; not snapshotting".into(),
+                )
+            })?;
         }
         let applied = self.applied_index;
         tracing::info!(
@@ -283,7 +343,10 @@ impl RaftNode {
         meta.index = applied;
         meta.term = self.storage.term(applied)?;
         meta.set_conf_state(self.conf_state.clone());
+        // The commit index at `applied` was written to the WAL (LightReady) before this, and the
+        // snapshot record's sync made it durable: old segments may go.
         self.save_snap(&snap)?;
+        self.release_wal()?;
         self.storage.set_latest_snapshot(snap);
         crate::metrics::SNAPSHOTS_TAKEN.inc();
 

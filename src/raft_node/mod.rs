@@ -47,6 +47,7 @@ use crate::snap::SnapError;
 use crate::wal::WalError;
 
 pub use apply::{entries_to_apply, process_messages};
+pub use proposals::fresh_origin as random_u64;
 
 /// raftexample's cluster id, sent in `X-Etcd-Cluster-ID` (as hex: `1000`).
 pub const CLUSTER_ID: u64 = 0x1000;
@@ -179,6 +180,9 @@ pub enum NodeError {
         /// What was wrong.
         reason: String,
     },
+    /// The raft loop panicked (a bug, or raft-rs refusing an impossible state).
+    #[error("the raft loop panicked: {0}")]
+    Panicked(String),
     /// A snapshot's payload could not be decoded.
     #[error("snapshot at index {index} is unreadable: {reason}")]
     BadSnapshot {
@@ -231,6 +235,10 @@ struct NodeHandle {
 
 impl rafthttp::Raft for NodeHandle {
     fn process(&self, m: Message) -> futures::future::BoxFuture<'static, Result<(), ProcessError>> {
+        if !well_formed(&m) {
+            tracing::warn!(from = m.from, kind = ?m.get_msg_type(), "dropped a malformed message");
+            return Box::pin(async { Ok(()) });
+        }
         let removed = self.is_id_removed(m.from);
         let mailbox = self.mailbox.clone();
         Box::pin(async move {
@@ -266,6 +274,17 @@ pub struct NodeInputs {
     pub conf_change_rx: mpsc::Receiver<ConfChange>,
     /// ReadIndex requests for linearizable reads.
     pub read_index_rx: mpsc::Receiver<ReadIndexRequest>,
+}
+
+/// Rejects messages whose shape raft-rs asserts on rather than checks (it trusts its peers):
+/// an empty proposal, or a ReadIndex request or answer without exactly one context entry.
+fn well_formed(m: &Message) -> bool {
+    use raft::eraftpb::MessageType::*;
+    match m.get_msg_type() {
+        MsgPropose => !m.entries.is_empty(),
+        MsgReadIndex | MsgReadIndexResp => m.entries.len() == 1,
+        _ => true,
+    }
 }
 
 /// Starts the raft node: replays its snapshot and WAL (or bootstraps a new cluster), serves the
@@ -359,27 +378,39 @@ pub async fn start(
                 stop: loop_stop.clone(),
             };
             let node_transport = loop_transport.clone();
-            let result = rt.block_on(async move {
-                let node = match node::RaftNode::new(
-                    cfg,
-                    node_transport,
-                    commit_tx,
-                    get_snapshot,
-                    removed,
-                    status_tx,
-                )
-                .await
-                {
-                    Ok(node) => {
-                        let _ = init_tx.send(Ok(()));
-                        node
-                    }
-                    Err(e) => {
-                        let _ = init_tx.send(Err(e));
-                        return None;
-                    }
-                };
-                Some(node.serve_channels(inputs).await)
+            // A panic (a raft-rs invariant, a bug) must still stop the transport and reach
+            // errorC as an error, so the process exits non-zero and a supervisor restarts it.
+            let run = std::panic::AssertUnwindSafe(|| {
+                rt.block_on(async move {
+                    let node = match node::RaftNode::new(
+                        cfg,
+                        node_transport,
+                        commit_tx,
+                        get_snapshot,
+                        removed,
+                        status_tx,
+                    )
+                    .await
+                    {
+                        Ok(node) => {
+                            let _ = init_tx.send(Ok(()));
+                            node
+                        }
+                        Err(e) => {
+                            let _ = init_tx.send(Err(e));
+                            return None;
+                        }
+                    };
+                    Some(node.serve_channels(inputs).await)
+                })
+            });
+            let result = std::panic::catch_unwind(run).unwrap_or_else(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                Some(Err(NodeError::Panicked(what)))
             });
             // Whatever the reason, the transport and its server stop with the loop.
             loop_transport.stop();
@@ -415,5 +446,27 @@ pub async fn start(
                 "the raft loop exited during start".into(),
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::well_formed;
+    use raft::eraftpb::{Entry, Message, MessageType};
+
+    #[test]
+    fn messages_raft_would_assert_on_are_malformed() {
+        let msg = |t: MessageType, n: usize| {
+            let mut m = Message::default();
+            m.set_msg_type(t);
+            m.set_entries(vec![Entry::default(); n].into());
+            m
+        };
+        assert!(!well_formed(&msg(MessageType::MsgPropose, 0)));
+        assert!(well_formed(&msg(MessageType::MsgPropose, 3)));
+        assert!(!well_formed(&msg(MessageType::MsgReadIndex, 0)));
+        assert!(!well_formed(&msg(MessageType::MsgReadIndexResp, 2)));
+        assert!(well_formed(&msg(MessageType::MsgReadIndex, 1)));
+        assert!(well_formed(&msg(MessageType::MsgHeartbeat, 0)));
     }
 }

@@ -25,6 +25,30 @@ use crate::wal::Wal;
 /// `node.Propose` blocks instead; this is the same back-pressure).
 const MAX_PENDING_PROPOSALS: usize = 4096;
 
+/// The most bytes of proposals stepped into raft as one `MsgPropose`. A follower forwards the
+/// message whole to the leader, and peers refuse huge frames, so a burst of large values is
+/// split (a single larger entry still goes, alone).
+const MAX_PROPOSAL_BATCH_BYTES: usize = 1024 * 1024;
+
+/// Splits `items` into runs of at most `max` bytes (at least one item each), keeping order.
+fn chunk_by_size(items: Vec<bytes::Bytes>, max: usize) -> Vec<Vec<bytes::Bytes>> {
+    let mut chunks: Vec<Vec<bytes::Bytes>> = Vec::new();
+    let mut size = 0;
+    for item in items {
+        match chunks.last_mut() {
+            Some(last) if size + item.len() <= max => {
+                size += item.len();
+                last.push(item);
+            }
+            _ => {
+                size = item.len();
+                chunks.push(vec![item]);
+            }
+        }
+    }
+    chunks
+}
+
 /// The channels the loop selects over; kept apart from [`RaftNode`] so the `select!` can borrow
 /// them while the handlers borrow the node.
 pub(super) struct Inputs {
@@ -83,6 +107,8 @@ pub(super) struct RaftNode {
     last_leader: u64,
     /// A peer told the transport this node was removed.
     removed_by_peer: bool,
+    /// Indexes of the snapshots saved since start, newest last (see `release_wal`).
+    pub(super) snapshots_saved: Vec<u64>,
 }
 
 impl RaftNode {
@@ -147,14 +173,18 @@ impl RaftNode {
             status_tx,
             last_leader: 0,
             removed_by_peer: false,
+            snapshots_saved: Vec::new(),
         };
         if let Some(snap) = replayed.snapshot {
             rn.publish_snapshot(&snap).await?;
+            rn.snapshots_saved.push(snap.get_metadata().index);
         }
-        // Flag URLs fill in for members the snapshot (if any) did not name.
+        // Flag URLs fill in for members the snapshot (if any) did not name; removed ones stay
+        // removed.
         for (id, url) in std::mem::take(&mut rn.members) {
             members.insert(id, url);
         }
+        members.retain(|id, _| !rn.is_removed(*id));
         rn.members = members;
         Ok(rn)
     }
@@ -370,8 +400,8 @@ impl RaftNode {
             self.proposer.restart();
         }
         let unproposed = self.proposer.take_unproposed();
-        if !unproposed.is_empty() {
-            let entries: Vec<Entry> = unproposed
+        for chunk in chunk_by_size(unproposed, MAX_PROPOSAL_BATCH_BYTES) {
+            let entries: Vec<Entry> = chunk
                 .into_iter()
                 .map(|data| Entry {
                     data,
@@ -398,10 +428,10 @@ impl RaftNode {
             .is_some_and(|(_, at)| at.elapsed() >= super::proposals::RETRY_AFTER);
         if self.conf_change_in_flight.is_none() {
             if let Some(mut cc) = self.pending_conf_changes.pop_front() {
-                // Counts up per node, as in Go; the node id in the high bits keeps ids from
-                // different nodes apart, so each node recognizes its own when applied.
+                // Counts up per node, as in Go, from this process's random origin, so that each
+                // node recognizes its own change when it is applied, even across restarts.
                 self.conf_change_count += 1;
-                cc.id = (self.cfg.id << 48) | self.conf_change_count;
+                cc.id = self.proposer.origin().wrapping_add(self.conf_change_count);
                 self.conf_change_in_flight = Some((cc, std::time::Instant::now()));
                 self.propose_conf_change();
             }
@@ -448,8 +478,11 @@ impl RaftNode {
 
         // 2. A snapshot from the leader: its file and WAL record go to disk before anything
         //    else of this Ready (etcd#10219), then it replaces the log and the store's state.
-        if !rd.snapshot().is_empty() {
+        let received_snapshot = !rd.snapshot().is_empty();
+        if received_snapshot {
             let snap = rd.snapshot().clone();
+            // Refuse an unreadable payload before it reaches the disk, not after a restart.
+            super::apply::check_snapshot_payload(&snap)?;
             self.save_snap(&snap)?;
             self.storage.apply_snapshot(snap.clone())?;
             self.publish_snapshot(&snap).await?;
@@ -465,6 +498,12 @@ impl RaftNode {
         }
         if !rd.entries().is_empty() {
             metrics::READY_ENTRIES.observe(rd.entries().len() as f64);
+        }
+        if received_snapshot {
+            // The WAL only trusts a snapshot its hard state commits (etcd#10219): make the
+            // commit at the snapshot durable before old segments may go.
+            self.wal.sync()?;
+            self.release_wal()?;
         }
 
         // 4. ... and to the in-memory log that raft reads from.
@@ -520,5 +559,31 @@ impl RaftNode {
     /// Whether this node currently leads.
     pub(super) fn is_leader(&self) -> bool {
         self.node.raft.state == StateRole::Leader
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunk_by_size;
+    use bytes::Bytes;
+
+    #[test]
+    fn proposals_are_split_by_size_in_order() {
+        let b = |n: usize| Bytes::from(vec![0u8; n]);
+        let sizes = |c: Vec<Vec<Bytes>>| {
+            c.iter()
+                .map(|v| v.iter().map(|x| x.len()).collect::<Vec<_>>())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            sizes(chunk_by_size(vec![b(4), b(4), b(4)], 8)),
+            vec![vec![4, 4], vec![4]]
+        );
+        // An entry larger than the limit goes alone.
+        assert_eq!(
+            sizes(chunk_by_size(vec![b(2), b(20), b(2)], 8)),
+            vec![vec![2], vec![20], vec![2]]
+        );
+        assert!(chunk_by_size(vec![], 8).is_empty());
     }
 }

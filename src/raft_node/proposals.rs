@@ -149,9 +149,9 @@ pub fn admit(sessions: &mut Sessions, data: &Bytes) -> Result<Verdict, String> {
     }
 }
 
-/// A random 64-bit origin, from the OS's hasher seed mixed with time and pid (no extra crate
+/// A random 64-bit value, from the OS-seeded hasher mixed with time and pid (no extra crate
 /// needed; it only has to differ between processes).
-fn fresh_origin() -> u64 {
+pub fn fresh_origin() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(

@@ -48,7 +48,11 @@ impl RaftNode {
     fn ask_read_index(&mut self, waiters: Vec<ReadIndexRequest>) {
         self.reads.last_ctx += 1;
         let ctx = self.reads.last_ctx;
-        self.node.read_index(ctx.to_be_bytes().to_vec());
+        // The leader keys pending reads by context and ignores a duplicate, so the context
+        // must be unique cluster-wide and across restarts: this process's origin + a counter.
+        let mut rctx = self.proposer.origin().to_be_bytes().to_vec();
+        rctx.extend_from_slice(&ctx.to_be_bytes());
+        self.node.read_index(rctx);
         self.reads.in_flight.push(ReadRound {
             ctx,
             asked: Instant::now(),
@@ -78,10 +82,14 @@ impl RaftNode {
     /// Answers the rounds raft confirmed (from `Ready::read_states`).
     pub(super) fn answer_reads(&mut self, states: Vec<ReadState>) {
         for rs in states {
-            let Ok(ctx) = <[u8; 8]>::try_from(&rs.request_ctx[..]) else {
+            let Ok(rctx) = <[u8; 16]>::try_from(&rs.request_ctx[..]) else {
                 continue;
             };
-            let ctx = u64::from_be_bytes(ctx);
+            let (origin, ctx) = rctx.split_at(8);
+            if origin != self.proposer.origin().to_be_bytes() {
+                continue;
+            }
+            let ctx = u64::from_be_bytes(ctx.try_into().expect("invariant: 8 bytes"));
             if let Some(pos) = self.reads.in_flight.iter().position(|r| r.ctx == ctx) {
                 for w in self.reads.in_flight.swap_remove(pos).waiters {
                     let _ = w.send(rs.index);

@@ -6,8 +6,8 @@ use raftexample::raft_node::Commit;
 use tokio::sync::mpsc;
 
 use crate::support::cluster::{Cluster, bind_peers, start_node, test_config};
-use crate::support::process::ProcessCluster;
-use crate::support::{init_tracing, metric, put_range, wait_all_keys};
+use crate::support::process::{NodeProcess, ProcessCluster};
+use crate::support::{free_port, init_tracing, metric, poll_until, put_range, wait_all_keys};
 
 /// Port of Go's TestSnapshot: with a snapshot count of 4, committing one proposal makes node 1
 /// due for a snapshot, but it is not taken before the store signals that it applied the batch,
@@ -125,4 +125,59 @@ async fn lagging_follower_catches_up_by_snapshot_and_all_survive_kill9() {
     for id in 1..=3 {
         wait_all_keys(&base(&mut c, id), "k", 0..N, t).await;
     }
+}
+
+/// A corrupt newest snapshot file is set aside (`.broken`) and the node restarts from the
+/// previous snapshot plus the WAL after it, losing no key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_newest_snapshot_falls_back_to_the_previous_one() {
+    let t = Duration::from_secs(30);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let raft = format!("http://127.0.0.1:{}", free_port());
+    let mut n = NodeProcess::spawn(
+        1,
+        &raft,
+        free_port(),
+        dir.path(),
+        &["--snapshot-count", "10"],
+    );
+    // In rounds, each applied before the next, so that they span several snapshots.
+    for r in 0..6 {
+        put_range(&n.url(""), "k", r * 10..r * 10 + 10, 1).await;
+        wait_all_keys(&n.url(""), "k", r * 10..r * 10 + 10, t).await;
+    }
+    let snap_dir = dir.path().join("raftexample-1-snap");
+    let snaps = || {
+        let mut v: Vec<_> = std::fs::read_dir(&snap_dir)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "snap"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    poll_until(t, "two snapshots", || async {
+        (snaps().len() >= 2).then_some(())
+    })
+    .await;
+    let status = n.terminate(t);
+    assert!(status.success());
+
+    let newest = snaps().pop().expect("a snapshot");
+    let mut bytes = std::fs::read(&newest).expect("read");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&newest, bytes).expect("corrupt");
+
+    n.start();
+    wait_all_keys(&n.url(""), "k", 0..60, t).await;
+    let mut broken = newest.into_os_string();
+    broken.push(".broken");
+    assert!(
+        std::path::Path::new(&broken).exists(),
+        "the bad file is set aside"
+    );
 }
