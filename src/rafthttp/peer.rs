@@ -40,6 +40,10 @@ pub struct Peer {
     pipeline: Pipeline,
     /// Cancelled by `stop`; ends every task of this peer.
     stop: CancellationToken,
+    /// This peer's `raftexample_peer_messages_{sent,dropped}_total` (looked up once, not per
+    /// message).
+    sent: prometheus::IntCounter,
+    dropped: prometheus::IntCounter,
 }
 
 impl Peer {
@@ -77,6 +81,7 @@ impl Peer {
             stop.clone(),
         );
         shared.rt.spawn(prober);
+        let label = id.to_string();
         Peer {
             id,
             shared,
@@ -86,6 +91,8 @@ impl Peer {
             message,
             pipeline,
             stop,
+            sent: crate::metrics::PEER_SENT.with_label_values(&[&label]),
+            dropped: crate::metrics::PEER_DROPPED.with_label_values(&[&label]),
         }
     }
 
@@ -115,6 +122,7 @@ impl Peer {
                     self.status.clone(),
                 );
                 let stop = self.stop.clone();
+                self.sent.inc();
                 self.shared.rt.spawn(async move {
                     tokio::select! {
                         _ = stop.cancelled() => {}
@@ -126,7 +134,11 @@ impl Peer {
             Route::Stream(kind) => self.writer(kind).try_send(m),
             Route::Pipeline => self.pipeline.try_send(m),
         };
+        if queued.is_ok() {
+            self.sent.inc();
+        }
         if let Err(m) = queued {
+            self.dropped.inc();
             tracing::debug!(peer = %format_args!("{:x}", self.id), ?route, msg_type = ?m.msg_type, active = self.status.is_active(), "dropped message: sending buffer is full");
             self.shared.raft.report_unreachable(m.to);
             if m.msg_type == MessageType::MsgSnapshot {

@@ -89,6 +89,9 @@ impl ReaderCtx {
         };
         self.status.activate();
         tracing::info!(peer = %format_args!("{:x}", self.peer), kind = %self.kind, "established streaming connection (reader)");
+        crate::metrics::PEER_RECONNECTS
+            .with_label_values(&[&self.peer.to_string()])
+            .inc();
         let err = self.decode_loop(body).await;
         tracing::warn!(peer = %format_args!("{:x}", self.peer), kind = %self.kind, error = %err, "lost streaming connection (reader)");
         // A clean end (the peer replaced or closed the stream) is not a failure.

@@ -151,6 +151,8 @@ async fn operations_endpoints_follow_the_cluster() {
         "raftexample_ready_batch_entries_bucket",
         "raftexample_http_requests_total",
         "raftexample_leader_changes_total",
+        "raftexample_peer_messages_sent_total{peer=\"2\"}",
+        "raftexample_peer_stream_reconnects_total{peer=\"3\"}",
     ] {
         assert!(text.contains(name), "/metrics has {name}");
     }
