@@ -86,14 +86,12 @@ async fn run(args: Args) -> Result<(), String> {
     // Run until the node stops by itself (an error, or removed from the cluster), or a signal.
     let outcome = tokio::select! {
         r = &mut error_rx => return finish(node_outcome(r), http_stop, http).await,
-        r = &mut applier => {
-            let e = match r {
-                Ok(Ok(())) => "the key-value store stopped".to_string(),
-                Ok(Err(e)) => e.to_string(),
-                Err(e) => format!("the key-value store task failed: {e}"),
-            };
-            Err(e)
-        }
+        r = &mut applier => match r {
+            // commitC closed: the node stopped (e.g. removed from the cluster); errorC says why.
+            Ok(Ok(())) => return finish(node_outcome(error_rx.await), http_stop, http).await,
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(format!("the key-value store task failed: {e}")),
+        },
         _ = shutdown_signal() => Ok(()),
     };
 
