@@ -258,10 +258,13 @@ impl KvStore {
     }
 
     /// The whole map, serialized for a raft snapshot (Go: `getSnapshot`, JSON there).
+    ///
+    /// Runs on the raft thread every `snapshot_count` entries and walks every key, so it
+    /// serializes straight from the map: no intermediate map of borrowed pairs (which cost a
+    /// hash per key), and bincode sizes the output exactly before writing it.
     pub fn get_snapshot(&self) -> Vec<u8> {
         let map = self.read();
-        let view: HashMap<&str, &[u8]> = map.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
-        bincode::serialize(&SnapshotRef(view))
+        bincode::serialize(&SnapshotRef(&map))
             .expect("invariant: serializing strings and bytes into memory cannot fail")
     }
 
@@ -291,28 +294,23 @@ impl KvStore {
     }
 }
 
-#[derive(Serialize)]
-struct SnapshotRef<'a>(#[serde(with = "bytes_map")] HashMap<&'a str, &'a [u8]>);
+/// The map as a snapshot: a bincode map of key to byte string. Same bytes as serializing a
+/// `HashMap<String, serde_bytes::ByteBuf>`, which is how [`SnapshotOwned`] reads it back.
+struct SnapshotRef<'a>(&'a HashMap<String, Bytes>);
 
-#[derive(Deserialize)]
-struct SnapshotOwned(HashMap<String, serde_bytes::ByteBuf>);
-
-/// Serializes map values as byte strings (not sequences of numbers).
-mod bytes_map {
-    use serde::ser::SerializeMap;
-    use std::collections::HashMap;
-
-    pub fn serialize<S: serde::Serializer>(
-        map: &HashMap<&str, &[u8]>,
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
-        let mut m = s.serialize_map(Some(map.len()))?;
-        for (k, v) in map {
+impl Serialize for SnapshotRef<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in self.0 {
             m.serialize_entry(k, serde_bytes::Bytes::new(v))?;
         }
         m.end()
     }
 }
+
+#[derive(Deserialize)]
+struct SnapshotOwned(HashMap<String, serde_bytes::ByteBuf>);
 
 /// The bytes of one proposal; `req` is the id of a waiting client, or 0.
 pub fn encode(key: &str, val: &[u8], req: u64) -> Vec<u8> {
@@ -391,6 +389,18 @@ mod tests {
             .expect_err("nobody commits");
         assert!(matches!(err, LinearizableError::Timeout(_)));
         assert!(lonely.lock_waiters().is_empty(), "the waiter is cleaned up");
+    }
+
+    /// The snapshot bytes are those of a bincode `HashMap<String, ByteBuf>` (the disk format).
+    #[test]
+    fn snapshot_bytes_are_a_bincode_map_of_byte_strings() {
+        let (tx, _rx) = mpsc::channel(1);
+        let kvs = KvStore::new(tx);
+        kvs.write()
+            .insert("/k".into(), Bytes::from_static(&[1, 2, 3]));
+        let mut want: HashMap<String, serde_bytes::ByteBuf> = HashMap::new();
+        want.insert("/k".into(), serde_bytes::ByteBuf::from(vec![1, 2, 3]));
+        assert_eq!(kvs.get_snapshot(), bincode::serialize(&want).expect("ser"));
     }
 
     /// Port of Go's Test_kvstore_snapshot: the snapshot round-trips the map.

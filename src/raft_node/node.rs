@@ -81,6 +81,9 @@ pub(super) struct RaftNode {
     // --- what the outside sees of the node
     status_tx: watch::Sender<NodeStatus>,
     last_leader: u64,
+    /// The WAL's size for `/status`, refreshed once per tick: measuring it lists the WAL
+    /// directory and stats every segment, too much to do on every turn of the loop.
+    wal_bytes: u64,
     /// A peer told the transport this node was removed.
     removed_by_peer: bool,
 }
@@ -146,6 +149,7 @@ impl RaftNode {
             reads: Reads::default(),
             status_tx,
             last_leader: 0,
+            wal_bytes: 0,
             removed_by_peer: false,
         };
         if let Some(snap) = replayed.snapshot {
@@ -188,6 +192,7 @@ impl RaftNode {
                 _ = ticker.tick() => {
                     self.node.tick();
                     self.retry_reads();
+                    self.wal_bytes = self.wal.size_on_disk();
                 }
                 m = inputs.mailbox_rx.recv() => {
                     // The handle keeps a sender alive as long as the transport does.
@@ -282,7 +287,7 @@ impl RaftNode {
             commit: r.raft_log.committed,
             applied: self.applied_index,
             snapshot_index: self.snapshot_index,
-            wal_bytes: self.wal.size_on_disk(),
+            wal_bytes: self.wal_bytes,
             members: self.members.iter().map(|(k, v)| (*k, v.clone())).collect(),
             removed: {
                 let removed = self
