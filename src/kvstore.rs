@@ -271,12 +271,7 @@ impl KvStore {
     /// Replaces the map with a snapshot's (Go: `recoverFromSnapshot`).
     pub fn recover_from_snapshot(&self, data: &[u8]) -> Result<(), KvError> {
         let snap: SnapshotOwned = bincode::deserialize(data).map_err(KvError::BadSnapshot)?;
-        let map = snap
-            .0
-            .into_iter()
-            .map(|(k, v)| (k, Bytes::from(v.into_vec())))
-            .collect();
-        *self.write() = map;
+        *self.write() = snap.0;
         Ok(())
     }
 
@@ -309,8 +304,34 @@ impl Serialize for SnapshotRef<'_> {
     }
 }
 
-#[derive(Deserialize)]
-struct SnapshotOwned(HashMap<String, serde_bytes::ByteBuf>);
+/// A snapshot read back: decoded straight into the store's map type. (Decoding into a
+/// `HashMap<String, ByteBuf>` and converting would build the map twice, a second hash and
+/// insert per key, which is most of a restart with a million keys.)
+struct SnapshotOwned(HashMap<String, Bytes>);
+
+impl<'de> Deserialize<'de> for SnapshotOwned {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Entries;
+        impl<'de> serde::de::Visitor<'de> for Entries {
+            type Value = SnapshotOwned;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map of keys to byte strings")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut access: A,
+            ) -> Result<SnapshotOwned, A::Error> {
+                // Capped: the length comes from the file.
+                let mut map = HashMap::with_capacity(access.size_hint().unwrap_or(0).min(1 << 20));
+                while let Some((k, v)) = access.next_entry::<String, serde_bytes::ByteBuf>()? {
+                    map.insert(k, Bytes::from(v.into_vec()));
+                }
+                Ok(SnapshotOwned(map))
+            }
+        }
+        d.deserialize_map(Entries)
+    }
+}
 
 /// The bytes of one proposal; `req` is the id of a waiting client, or 0.
 pub fn encode(key: &str, val: &[u8], req: u64) -> Vec<u8> {
