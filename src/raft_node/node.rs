@@ -105,6 +105,9 @@ pub(super) struct RaftNode {
     // --- what the outside sees of the node
     status_tx: watch::Sender<NodeStatus>,
     last_leader: u64,
+    /// The WAL's size for `/status`, refreshed once per tick: measuring it lists the WAL
+    /// directory and stats every segment, too much to do on every turn of the loop.
+    wal_bytes: u64,
     /// A peer told the transport this node was removed.
     removed_by_peer: bool,
     /// Indexes of the snapshots saved since start, newest last (see `release_wal`).
@@ -172,6 +175,7 @@ impl RaftNode {
             reads: Reads::default(),
             status_tx,
             last_leader: 0,
+            wal_bytes: 0,
             removed_by_peer: false,
             snapshots_saved: Vec::new(),
         };
@@ -218,6 +222,7 @@ impl RaftNode {
                 _ = ticker.tick() => {
                     self.node.tick();
                     self.retry_reads();
+                    self.wal_bytes = self.wal.size_on_disk();
                 }
                 m = inputs.mailbox_rx.recv() => {
                     // The handle keeps a sender alive as long as the transport does.
@@ -312,7 +317,7 @@ impl RaftNode {
             commit: r.raft_log.committed,
             applied: self.applied_index,
             snapshot_index: self.snapshot_index,
-            wal_bytes: self.wal.size_on_disk(),
+            wal_bytes: self.wal_bytes,
             members: self.members.iter().map(|(k, v)| (*k, v.clone())).collect(),
             removed: {
                 let removed = self

@@ -114,13 +114,51 @@ pub fn snap_name(term: u64, index: u64) -> String {
 
 /// Serializes `snap` as a `.snap` file's content.
 pub fn encode_snap_file(snap: &Snapshot) -> Vec<u8> {
-    let mut data = Vec::new();
-    pb::encode_snapshot(&mut data, snap);
-    let crc = crc32c::crc32c(&data);
-    let mut out = Vec::with_capacity(data.len() + 16);
-    pb::put_varint_field(&mut out, 1, u64::from(crc));
-    pb::put_bytes_field(&mut out, 2, &data);
-    out
+    let parts = SnapFile::new(snap);
+    [&parts.head[..], parts.data, &parts.tail[..]].concat()
+}
+
+/// A `.snap` file's content as `head + data + tail`, where `data` is the snapshot's payload
+/// borrowed, not copied. The payload is the whole key-value store (megabytes); building the
+/// file in one buffer would copy it twice (into the `raftpb.Snapshot`, then into the
+/// `snappb.Snapshot` around it) on the raft thread for every snapshot.
+struct SnapFile<'a> {
+    /// `crc` field, header of the outer `data` field, header of the inner `data` field.
+    head: Vec<u8>,
+    /// `Snapshot.data`.
+    data: &'a [u8],
+    /// The inner `metadata` field.
+    tail: Vec<u8>,
+}
+
+impl<'a> SnapFile<'a> {
+    fn new(snap: &'a Snapshot) -> SnapFile<'a> {
+        // The marshaled raftpb.Snapshot is [data field header][data][metadata field].
+        let mut data_header = Vec::new();
+        if !snap.data.is_empty() {
+            pb::put_uvarint(&mut data_header, (1 << 3) | 2);
+            pb::put_uvarint(&mut data_header, snap.data.len() as u64);
+        }
+        let mut tail = Vec::new();
+        let mut meta_only = Snapshot::default();
+        meta_only.set_metadata(snap.get_metadata().clone());
+        pb::encode_snapshot(&mut tail, &meta_only);
+        let inner_len = data_header.len() + snap.data.len() + tail.len();
+        let crc = crc32c::crc32c_append(
+            crc32c::crc32c_append(crc32c::crc32c(&data_header), &snap.data),
+            &tail,
+        );
+        let mut head = Vec::with_capacity(32);
+        pb::put_varint_field(&mut head, 1, u64::from(crc));
+        pb::put_uvarint(&mut head, (2 << 3) | 2);
+        pb::put_uvarint(&mut head, inner_len as u64);
+        head.extend_from_slice(&data_header);
+        SnapFile {
+            head,
+            data: &snap.data,
+            tail,
+        }
+    }
 }
 
 /// etcd `snap.Read`: reads and verifies one snapshot file.
@@ -212,7 +250,7 @@ impl Snapshotter {
             &name[..name.len() - SNAP_SUFFIX.len()],
             TMP_SUFFIX
         ));
-        let content = encode_snap_file(snap);
+        let content = SnapFile::new(snap);
         let written = OpenOptions::new()
             .write(true)
             .create(true)
@@ -220,7 +258,9 @@ impl Snapshotter {
             .mode(fileutil::PRIVATE_FILE_MODE)
             .open(&tmp)
             .and_then(|mut f| {
-                f.write_all(&content)?;
+                f.write_all(&content.head)?;
+                f.write_all(content.data)?;
+                f.write_all(&content.tail)?;
                 f.sync_all()
             })
             .and_then(|()| std::fs::rename(&tmp, &path));

@@ -150,3 +150,19 @@ fn keeps_at_most_n_files() {
     }
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 9);
 }
+
+/// The file written in pieces (head, borrowed data, tail) is byte for byte the straightforward
+/// encoding: raftpb.Snapshot marshaled into one buffer, wrapped in snappb.Snapshot.
+#[test]
+fn pieces_equal_the_one_buffer_encoding() {
+    for data in [&b""[..], &b"x"[..], &[7u8; 300][..]] {
+        let mut s = snapshot(3, 0x99, b"");
+        s.data = Bytes::copy_from_slice(data);
+        let mut inner = Vec::new();
+        pb::encode_snapshot(&mut inner, &s);
+        let mut want = Vec::new();
+        pb::put_varint_field(&mut want, 1, u64::from(crc32c::crc32c(&inner)));
+        pb::put_bytes_field(&mut want, 2, &inner);
+        assert_eq!(encode_snap_file(&s), want, "{} data bytes", data.len());
+    }
+}
