@@ -1,8 +1,9 @@
 //! Benchmarks: plain `fn main` programs that print figures for the README (no harness).
 //!
-//! Run: `cargo bench --bench benches [-- FILTER] [-- DIR]`. FILTER picks `wal` or
-//! `transport`; DIR is where the WAL benchmark writes (default: a temporary directory).
+//! Run: `cargo bench --bench benches [-- FILTER] [-- DIR]`. FILTER picks `wal`, `transport`
+//! or `ready`; DIR is where the WAL benchmark writes (default: a temporary directory).
 
+mod ready_loop;
 mod transport;
 mod wal;
 
@@ -13,11 +14,11 @@ fn main() {
         .collect();
     let filter = args
         .iter()
-        .find(|a| *a == "wal" || *a == "transport")
+        .find(|a| ["wal", "transport", "ready"].contains(&a.as_str()))
         .cloned();
     let dir = args
         .iter()
-        .find(|a| *a != "wal" && *a != "transport")
+        .find(|a| !["wal", "transport", "ready"].contains(&a.as_str()))
         .cloned();
     let wants = |name: &str| filter.as_deref().is_none_or(|f| f == name);
     if wants("wal") {
@@ -25,5 +26,8 @@ fn main() {
     }
     if wants("transport") {
         transport::run();
+    }
+    if wants("ready") {
+        ready_loop::run();
     }
 }
