@@ -283,6 +283,50 @@ impl RaftNode {
         Ok(())
     }
 
+    /// Completes a snapshot whose file a background thread was writing: once the file is
+    /// durable, its WAL record goes in (file first, then record, as in [`RaftNode::save_snap`]),
+    /// old WAL segments go, raft may serve it, and the log is compacted. With `wait` false it
+    /// returns at once if the file is not written yet.
+    pub(super) async fn finish_snapshot(&mut self, wait: bool) -> Result<(), NodeError> {
+        let Some((snap, mut written)) = self.snapshot_in_flight.take() else {
+            return Ok(());
+        };
+        let result = if wait {
+            written.await.ok()
+        } else {
+            match written.try_recv() {
+                Err(oneshot::error::TryRecvError::Empty) => {
+                    self.snapshot_in_flight = Some((snap, written));
+                    return Ok(());
+                }
+                Err(oneshot::error::TryRecvError::Closed) => None,
+                Ok(r) => Some(r),
+            }
+        };
+        result.ok_or_else(|| NodeError::Config("the snapshot writer thread died".into()))??;
+        let meta = snap.get_metadata();
+        let (applied, index) = (self.applied_index, meta.index);
+        self.wal.save_snapshot(&WalSnapshot {
+            index,
+            term: meta.term,
+            conf_state: Some(meta.get_conf_state().clone()),
+        })?;
+        self.snapshots_saved.push(index);
+        // The commit index at `index` was written to the WAL (LightReady) before the snapshot
+        // was taken, and the snapshot record's sync made it durable: old segments may go.
+        self.release_wal()?;
+        self.storage.set_latest_snapshot(snap);
+        crate::metrics::SNAPSHOTS_TAKEN.inc();
+        let compact_index = index
+            .min(applied)
+            .saturating_sub(self.cfg.snapshot_catchup_entries)
+            .max(1);
+        self.storage.mem().wl().compact(compact_index)?;
+        tracing::info!(index, compact_index, "snapshot saved, log compacted");
+        self.snapshot_index = self.snapshot_index.max(index);
+        Ok(())
+    }
+
     /// Deletes the WAL segments that only the snapshot *before* the newest one needs. Keeping
     /// one generation back is etcd's safety net: if the newest snapshot file turns out
     /// unreadable at start, the previous snapshot plus the WAL from it still restores the node.
@@ -303,7 +347,9 @@ impl RaftNode {
         &mut self,
         apply_done: Option<oneshot::Receiver<()>>,
     ) -> Result<(), NodeError> {
-        if self.applied_index - self.snapshot_index <= self.cfg.snapshot_count {
+        if self.applied_index - self.snapshot_index <= self.cfg.snapshot_count
+            || self.snapshot_in_flight.is_some()
+        {
             return Ok(());
         }
         if let Some(done) = apply_done {
@@ -343,19 +389,22 @@ impl RaftNode {
         meta.index = applied;
         meta.term = self.storage.term(applied)?;
         meta.set_conf_state(self.conf_state.clone());
-        // The commit index at `applied` was written to the WAL (LightReady) before this, and the
-        // snapshot record's sync made it durable: old segments may go.
-        self.save_snap(&snap)?;
-        self.release_wal()?;
-        self.storage.set_latest_snapshot(snap);
-        crate::metrics::SNAPSHOTS_TAKEN.inc();
-
-        let compact_index = applied
-            .saturating_sub(self.cfg.snapshot_catchup_entries)
-            .max(1);
-        self.storage.mem().wl().compact(compact_index)?;
-        tracing::info!(compact_index, "compacted log");
-        self.snapshot_index = applied;
+        // The state is captured (serialized above, at exactly `applied`); writing and fsyncing
+        // the file, megabytes for a large store, happens on a thread of its own so that the
+        // Ready loop keeps serving meanwhile. `finish_snapshot` completes it.
+        let (done, written) = oneshot::channel();
+        let snapshotter = self.snapshotter.clone();
+        let file = snap.clone();
+        std::thread::Builder::new()
+            .name("snapshot-writer".into())
+            .spawn(move || {
+                let _ = done.send(snapshotter.save_snap(&file));
+            })
+            .map_err(|source| NodeError::Io {
+                context: "spawning the snapshot writer".into(),
+                source,
+            })?;
+        self.snapshot_in_flight = Some((snap, written));
         Ok(())
     }
 }

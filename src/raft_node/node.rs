@@ -112,6 +112,12 @@ pub(super) struct RaftNode {
     removed_by_peer: bool,
     /// Indexes of the snapshots saved since start, newest last (see `release_wal`).
     pub(super) snapshots_saved: Vec<u64>,
+    /// A snapshot taken whose file is being written by a background thread, and the channel
+    /// that says when it is durable (see `finish_snapshot`).
+    pub(super) snapshot_in_flight: Option<(
+        raft::eraftpb::Snapshot,
+        tokio::sync::oneshot::Receiver<Result<(), crate::snap::SnapError>>,
+    )>,
 }
 
 impl RaftNode {
@@ -178,6 +184,7 @@ impl RaftNode {
             wal_bytes: 0,
             removed_by_peer: false,
             snapshots_saved: Vec::new(),
+            snapshot_in_flight: None,
         };
         if let Some(snap) = replayed.snapshot {
             rn.publish_snapshot(&snap).await?;
@@ -254,7 +261,11 @@ impl RaftNode {
             self.drain(&mut inputs);
             self.propose_pending();
             self.request_reads();
-            match self.handle_all_ready().await {
+            let handled = match self.finish_snapshot(false).await {
+                Ok(()) => self.handle_all_ready().await,
+                Err(e) => Err(e),
+            };
+            match handled {
                 Ok(Flow::Continue) => {}
                 Ok(Flow::Removed) => {
                     tracing::info!("I've been removed from the cluster! Shutting down.");
@@ -268,7 +279,10 @@ impl RaftNode {
                 break Ok(());
             }
         };
-        // Close the WAL cleanly (flushes and syncs what was buffered) whatever the reason.
+        // Finish a snapshot being written, then close the WAL cleanly (flushes and syncs what
+        // was buffered) whatever the reason.
+        let snapshot = self.finish_snapshot(true).await;
+        let result = result.and(snapshot);
         let closed = self.wal.close().map_err(NodeError::from);
         result.and(closed)
     }
@@ -488,6 +502,8 @@ impl RaftNode {
             let snap = rd.snapshot().clone();
             // Refuse an unreadable payload before it reaches the disk, not after a restart.
             super::apply::check_snapshot_payload(&snap)?;
+            // One snapshot at a time in the directory and the WAL: finish our own first.
+            self.finish_snapshot(true).await?;
             self.save_snap(&snap)?;
             self.storage.apply_snapshot(snap.clone())?;
             self.publish_snapshot(&snap).await?;
