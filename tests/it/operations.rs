@@ -247,8 +247,12 @@ async fn every_flag_is_honoured() {
     })
     .await;
     assert!(snaps > 0);
-    let st = status(&raft).await.expect("status");
-    assert!(st["snapshot_index"].as_u64().expect("index") >= 10, "{st}");
+    // The file is written off the raft loop, which records the snapshot once it is durable.
+    poll_until(T, "/status reports the snapshot", || async {
+        let st = status(&raft).await?;
+        (st["snapshot_index"].as_u64()? >= 10).then_some(())
+    })
+    .await;
     let logs = n.logs();
     let first = logs.lines().next().expect("a log line");
     serde_json::from_str::<serde_json::Value>(first).expect("--log-format json writes JSON lines");
