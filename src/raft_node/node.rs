@@ -372,6 +372,28 @@ impl RaftNode {
     }
 
     fn step(&mut self, m: Message) {
+        // raft-rs trusts its peers and `fatal!`s on some impossible messages; the raft port is
+        // reachable by anyone who knows the cluster id, so refuse the obvious ones here.
+        if m.to != self.cfg.id {
+            tracing::warn!(
+                to = m.to,
+                from = m.from,
+                "dropped a message addressed to another node"
+            );
+            return;
+        }
+        if m.get_msg_type() == MessageType::MsgHeartbeat
+            && m.commit > self.node.raft.raft_log.last_index()
+            && m.term >= self.node.raft.term
+        {
+            // A leader only sends a commit its follower has; beyond our log it is forged.
+            tracing::warn!(
+                from = m.from,
+                commit = m.commit,
+                "dropped a heartbeat committing beyond our log"
+            );
+            return;
+        }
         // raft-rs refuses local message types from the network and responses from unknown
         // peers; etcd ignores both silently, and so do we (at debug level).
         if let Err(e) = self.node.step(m) {

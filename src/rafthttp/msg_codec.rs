@@ -39,6 +39,9 @@ pub enum CodecError {
     /// A msgappv2 frame starts with an unknown type byte.
     #[error("unknown msgappv2 frame type {0:#04x}")]
     UnknownType(u8),
+    /// An AppEntries frame would move the stream's running index past `u64::MAX`.
+    #[error("msgappv2 frame moves the log index past its maximum")]
+    IndexOverflow,
     /// The stream ended in the middle of a frame.
     #[error("stream ended inside a frame ({0} bytes of it received)")]
     Truncated(usize),

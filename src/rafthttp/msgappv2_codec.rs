@@ -197,7 +197,11 @@ impl MsgAppV2Decoder {
             m.entries.push(Entry::parse_from_carllerche_bytes(&entry)?);
             pos += 8 + size;
         }
-        self.index += scan.n;
+        // A peer cannot make the running index wrap: that would be garbage, not a frame.
+        self.index = self
+            .index
+            .checked_add(scan.n)
+            .ok_or(CodecError::IndexOverflow)?;
         Ok(Decoded::Message(m))
     }
 }
@@ -389,5 +393,29 @@ mod tests {
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = decode_all(&mut MsgAppV2Decoder::new(LOCAL, REMOTE), &bytes);
         }
+    }
+
+    /// A forged MsgApp at index u64::MAX followed by an AppEntries frame is an error, not an
+    /// overflow (a panic in debug builds, a wrapped index in release).
+    #[test]
+    fn index_overflow_is_an_error() {
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgAppend);
+        m.index = u64::MAX;
+        let pb = protobuf::Message::write_to_bytes(&m).expect("encode");
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&[TYPE_MSG_APP]);
+        buf.extend_from_slice(&(pb.len() as u64).to_be_bytes());
+        buf.extend_from_slice(&pb);
+        buf.extend_from_slice(&[TYPE_APP_ENTRIES]);
+        buf.extend_from_slice(&1u64.to_be_bytes()); // one entry
+        buf.extend_from_slice(&0u64.to_be_bytes()); // of zero bytes
+        buf.extend_from_slice(&0u64.to_be_bytes()); // commit
+        let mut dec = MsgAppV2Decoder::new(1, 2);
+        assert!(matches!(dec.decode(&mut buf), Ok(Decoded::Message(_))));
+        assert!(matches!(
+            dec.decode(&mut buf),
+            Err(CodecError::IndexOverflow)
+        ));
     }
 }

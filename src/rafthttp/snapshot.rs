@@ -41,6 +41,9 @@ use super::urlpick::UrlPicker;
 use super::util::{TransportError, check_cluster_compat, post, raft_request};
 use super::{Shared, Transport};
 
+/// The most a receiver reserves before the snapshot data actually arrives.
+const INITIAL_RESERVE: u64 = 16 * 1024 * 1024;
+
 /// Largest accepted message header (etcd main's `snapshotLimitByte`).
 pub const MAX_SNAPSHOT_HEADER: u64 = 64 * 1024 * 1024;
 /// Largest accepted snapshot data. The receiver allocates the declared size up
@@ -160,7 +163,10 @@ async fn receive_checked(
         return Err(too_large());
     }
     let limit = expected.unwrap_or(MAX_SNAPSHOT_DATA) as usize;
-    let mut data = Vec::with_capacity(expected.map_or(buf.len(), |n| n as usize));
+    // Reserve what the sender announced only up to a bound: a Content-Length is a claim, and
+    // a stalled sender must not pin a gigabyte per request. Beyond it, grow as data arrives.
+    let reserve = expected.map_or(buf.len(), |n| n.min(INITIAL_RESERVE) as usize);
+    let mut data = Vec::with_capacity(reserve.max(buf.len()));
     data.extend_from_slice(&buf);
     while let Some(c) = next_chunk(&mut body).await? {
         if data.len() + c.len() > limit {

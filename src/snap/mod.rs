@@ -350,6 +350,9 @@ impl Snapshotter {
             match read(&path) {
                 Ok(s) if accept(&s) => return Ok(s),
                 Ok(_) => {}
+                // An I/O error (permissions, EIO, too many open files) says nothing about the
+                // file's contents: fail, rather than hide a good snapshot as `.broken`.
+                Err(e @ SnapError::Io { .. }) => return Err(e),
                 Err(e) => self.set_aside(&path, &e),
             }
         }

@@ -314,16 +314,17 @@ impl Wal {
         }
         let from_log_start = self.segments.first().is_some_and(|s| s.seq == 0);
         let r = read::replay(handles, from_log_start, &self.start)?;
-        if let Some((offset, reason)) = &r.torn {
-            let tail = self.tail()?;
-            repair::repair_torn_tail(&tail.file, &tail.path, *offset, reason)?;
-        }
+        // Refuse before touching anything: a refused start must leave the files as they were.
         if !r.matched {
             return Err(WalError::SnapshotNotFound {
                 dir: self.dir.clone(),
                 index: self.start.index,
                 term: self.start.term,
             });
+        }
+        if let Some((offset, reason)) = &r.torn {
+            let tail = self.tail()?;
+            repair::repair_torn_tail(&tail.file, &tail.path, *offset, reason)?;
         }
         self.encoder = Some(Encoder::new(r.last_crc, r.last_offset));
         self.enti = r.enti;

@@ -98,3 +98,44 @@ async fn full_restart_keeps_every_key() {
     }
     wait_everywhere(&mut c, "/after-sigterm", "yes").await;
 }
+
+/// Messages that raft-rs would `fatal!` on, posted to the raft port by anyone who knows the
+/// cluster id, are dropped: the node keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_raft_messages_do_not_stop_a_node() {
+    use protobuf::Message as _;
+    use raft::eraftpb::{Message, MessageType};
+    let mut c = ProcessCluster::start(3, &[]);
+    put(&mut c, 1, "/before", "1").await;
+    wait_everywhere(&mut c, "/before", "1").await;
+    let headers = [
+        ("X-Etcd-Cluster-ID", "1000"),
+        ("X-Server-Version", "3.4.23"),
+        ("X-Min-Cluster-Version", "3.0.0"),
+        ("X-Server-From", "2"),
+        ("Content-Type", "application/protobuf"),
+    ];
+    let forged = |t: MessageType, to: u64, term: u64, commit: u64| {
+        let mut m = Message::default();
+        m.set_msg_type(t);
+        m.to = to;
+        m.from = 2;
+        m.term = term;
+        m.commit = commit;
+        m.write_to_bytes().expect("encode")
+    };
+    for body in [
+        forged(MessageType::MsgHeartbeat, 1, 1 << 40, u64::MAX),
+        forged(MessageType::MsgAppend, 7, 1 << 40, 5),
+        forged(MessageType::MsgPropose, 1, 0, 0),
+    ] {
+        let url = format!("{}/raft", c.peers[0]);
+        let r = crate::support::http_with_headers("POST", &url, &body, &headers)
+            .await
+            .expect("answered");
+        assert!(r.status < 500, "{r:?}");
+    }
+    put(&mut c, 1, "/after", "2").await;
+    wait_everywhere(&mut c, "/after", "2").await;
+    assert!(c.node(1).is_running(), "node 1 still runs");
+}
