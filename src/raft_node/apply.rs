@@ -84,8 +84,11 @@ impl RaftNode {
         &mut self,
         ents: Vec<Entry>,
     ) -> Result<(Flow, Option<oneshot::Receiver<()>>), NodeError> {
-        let ents = entries_to_apply(ents, self.applied_index)
-            .map_err(|reason| NodeError::Config(format!("raft log: {reason}")))?;
+        let ents =
+            entries_to_apply(ents, self.applied_index).map_err(|reason| NodeError::BadEntry {
+                index: self.applied_index + 1,
+                reason,
+            })?;
         let Some(last) = ents.last().map(|e| e.index) else {
             return Ok((Flow::Continue, None));
         };
@@ -107,12 +110,11 @@ impl RaftNode {
                 },
                 EntryType::EntryConfChange => {
                     let mut cc = ConfChange::default();
-                    cc.merge_from_bytes(&e.data).map_err(|err| {
-                        NodeError::Config(format!(
-                            "raft log entry {} is not a valid conf change: {err}",
-                            e.index
-                        ))
-                    })?;
+                    cc.merge_from_bytes(&e.data)
+                        .map_err(|err| NodeError::BadEntry {
+                            index: e.index,
+                            reason: format!("not a valid conf change: {err}"),
+                        })?;
                     if self.apply_conf_change(&cc)? {
                         flow = Flow::Removed;
                     }
@@ -264,21 +266,25 @@ impl RaftNode {
         self.commit_tx
             .send(commit)
             .await
-            .map_err(|_| NodeError::Config("the key-value store stopped reading commits".into()))
+            .map_err(|_| NodeError::Halted("the key-value store stopped reading commits".into()))
     }
 
     /// Saves a snapshot: the file first, then its WAL record (synced). A crash in between
     /// leaves an extra snapshot file, which is harmless: at start only a snapshot recorded in
     /// the WAL is used (etcd#12691). Old WAL segments go later, in [`RaftNode::release_wal`].
     pub(super) fn save_snap(&mut self, snap: &Snapshot) -> Result<(), NodeError> {
+        self.snapshotter.save_snap(snap)?;
+        self.record_snapshot(snap)
+    }
+
+    /// Writes the WAL record (synced) of a snapshot whose file is already durable.
+    fn record_snapshot(&mut self, snap: &Snapshot) -> Result<(), NodeError> {
         let meta = snap.get_metadata();
-        let walsnap = WalSnapshot {
+        self.wal.save_snapshot(&WalSnapshot {
             index: meta.index,
             term: meta.term,
             conf_state: Some(meta.get_conf_state().clone()),
-        };
-        self.snapshotter.save_snap(snap)?;
-        self.wal.save_snapshot(&walsnap)?;
+        })?;
         self.snapshots_saved.push(meta.index);
         Ok(())
     }
@@ -303,15 +309,9 @@ impl RaftNode {
                 Ok(r) => Some(r),
             }
         };
-        result.ok_or_else(|| NodeError::Config("the snapshot writer thread died".into()))??;
-        let meta = snap.get_metadata();
-        let (applied, index) = (self.applied_index, meta.index);
-        self.wal.save_snapshot(&WalSnapshot {
-            index,
-            term: meta.term,
-            conf_state: Some(meta.get_conf_state().clone()),
-        })?;
-        self.snapshots_saved.push(index);
+        result.ok_or_else(|| NodeError::Halted("the snapshot writer thread died".into()))??;
+        self.record_snapshot(&snap)?;
+        let (applied, index) = (self.applied_index, snap.get_metadata().index);
         // The commit index at `index` was written to the WAL (LightReady) before the snapshot
         // was taken, and the snapshot record's sync made it durable: old segments may go.
         self.release_wal()?;
@@ -356,7 +356,7 @@ impl RaftNode {
             // Dropped without a signal: the store failed before applying the batch, so its
             // state is not the one at `applied`. A snapshot of it would lose that batch.
             done.await.map_err(|_| {
-                NodeError::Config(
+                NodeError::Halted(
                     "the key-value store stopped before applying a batch; not snapshotting".into(),
                 )
             })?;

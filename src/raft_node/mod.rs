@@ -180,6 +180,10 @@ pub enum NodeError {
         /// What was wrong.
         reason: String,
     },
+    /// A part the node depends on stopped (the key-value store, a helper thread), so it cannot
+    /// go on; the log above says why that part stopped.
+    #[error("the raft node cannot continue: {0}")]
+    Halted(String),
     /// The raft loop panicked (a bug, or raft-rs refusing an impossible state).
     #[error("the raft loop panicked: {0}")]
     Panicked(String),
@@ -442,7 +446,7 @@ pub async fn start(
         }
         Err(_) => {
             server_stop.cancel();
-            Err(NodeError::Config(
+            Err(NodeError::Halted(
                 "the raft loop exited during start".into(),
             ))
         }

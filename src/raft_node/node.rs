@@ -427,8 +427,9 @@ impl RaftNode {
         }
     }
 
-    /// Proposes everything that waited, as ONE `MsgPropose` carrying all the entries: one step
-    /// through raft, one append, and on a follower one forwarded message to the leader.
+    /// Proposes everything that waited, batched into `MsgPropose`s of up to
+    /// [`MAX_PROPOSAL_BATCH_BYTES`] (usually one): one step through raft and one append per
+    /// batch, and on a follower one forwarded message to the leader.
     fn propose_pending(&mut self) {
         if !self.can_propose() {
             return;
