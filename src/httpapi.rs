@@ -347,6 +347,19 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_body_over_the_limit_is_413_and_nothing_is_proposed() {
+        let (r, mut prx, _c, _kvs) = app();
+        let req = HttpRequest::builder()
+            .method("PUT")
+            .uri("/big")
+            .body(Body::from(vec![b'x'; MAX_BODY_BYTES + 1]))
+            .expect("request");
+        let resp = r.clone().oneshot(req).await.expect("infallible");
+        assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(prx.try_recv().is_err(), "nothing proposed");
+    }
+
+    #[tokio::test]
     async fn a_removed_id_cannot_be_added_again() {
         let (r, _p, _c, _kvs) = app();
         let (status, _) = call(&r, "POST", "/3", "http://127.0.0.1:1").await;

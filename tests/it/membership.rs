@@ -11,6 +11,18 @@ use crate::support::{free_port, http, poll_until, put_range, wait_all_keys, wait
 
 const T: Duration = Duration::from_secs(60);
 
+/// `POST <url>` with the new node's raft URL until it is accepted (204); the cluster may still
+/// be electing its first leader.
+async fn add_node(url: &str, raft_url: &str) {
+    poll_until(T, &format!("POST {url} accepted"), || async {
+        http("POST", url, raft_url.as_bytes())
+            .await
+            .ok()
+            .filter(|r| r.status == 204)
+    })
+    .await;
+}
+
 /// Port of Go's TestAddNewNode: node 4 is added by a conf change and started with join; a
 /// proposal made on node 4 commits on node 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,18 +86,7 @@ async fn readme_add_and_remove_flow() {
 
     let raft4 = format!("http://127.0.0.1:{}", free_port());
     let kv4 = free_port();
-    let r = poll_until(T, "POST /4 accepted", || {
-        let url = c.nodes[0].url("/4");
-        let body = raft4.clone();
-        async move {
-            http("POST", &url, body.as_bytes())
-                .await
-                .ok()
-                .filter(|r| r.status == 204)
-        }
-    })
-    .await;
-    assert_eq!(r.status, 204);
+    add_node(&c.nodes[0].url("/4"), &raft4).await;
     let cluster4 = [c.peers.clone(), vec![raft4.clone()]].concat().join(",");
     let dir4 = c.dir.path().join("n4");
     std::fs::create_dir_all(&dir4).expect("dir");
@@ -148,17 +149,7 @@ async fn grow_to_five_and_shrink_to_three_under_writes() {
         let raft = format!("http://127.0.0.1:{}", free_port());
         let kv = free_port();
         cluster.push(raft.clone());
-        poll_until(T, "POST accepted", || {
-            let url = c.nodes[0].url(&format!("/{id}"));
-            let body = raft.clone();
-            async move {
-                http("POST", &url, body.as_bytes())
-                    .await
-                    .ok()
-                    .filter(|r| r.status == 204)
-            }
-        })
-        .await;
+        add_node(&c.nodes[0].url(&format!("/{id}")), &raft).await;
         let dir = c.dir.path().join(format!("n{id}"));
         std::fs::create_dir_all(&dir).expect("dir");
         let n = NodeProcess::spawn(id, &cluster.join(","), kv, &dir, &["--join"]);
