@@ -267,6 +267,15 @@ impl KvStore {
             .expect("invariant: serializing strings and bytes into memory cannot fail")
     }
 
+    /// [`KvStore::get_snapshot`], appended to `out` (the raft node's [`GetSnapshot`]).
+    ///
+    /// [`GetSnapshot`]: crate::raft_node::GetSnapshot
+    pub fn write_snapshot(&self, out: &mut Vec<u8>) {
+        let map = self.read();
+        bincode::serialize_into(out, &SnapshotRef(&map))
+            .expect("invariant: serializing strings and bytes into memory cannot fail");
+    }
+
     /// Replaces the map with a snapshot's (Go: `recoverFromSnapshot`).
     pub fn recover_from_snapshot(&self, data: &[u8]) -> Result<(), KvError> {
         let snap: SnapshotOwned = bincode::deserialize(data).map_err(KvError::BadSnapshot)?;

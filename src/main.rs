@@ -57,7 +57,7 @@ async fn run(args: Args) -> Result<(), String> {
             conf_change_rx,
             read_index_rx,
         },
-        Box::new(move || snapshot_source.get_snapshot()),
+        Box::new(move |out| snapshot_source.write_snapshot(out)),
     )
     .await
     .map_err(|e| e.to_string())?;

@@ -14,7 +14,8 @@
 #
 # Environment: RAFTEXAMPLE_BIN (default target/release/raftexample), BENCH_BIN (default
 # target/release/raftexample-bench), READY_TIMEOUT seconds to wait for the cluster (default 60),
-# KEEP_DIRS=1 to keep the node directories and logs.
+# KEEP_DIRS=1 to keep the node directories and logs, NODE_ARGS extra flags for every node
+# (e.g. NODE_ARGS="--snapshot-count 100000").
 # Exit status: the bench tool's (0 ok, 1 acknowledged keys lost, ...), or 2 if the cluster never
 # became ready.
 set -euo pipefail
@@ -52,7 +53,8 @@ trap 'exit 130' INT TERM
 
 for id in 1 2 3; do
     mkdir -p "$WORK/node$id"
-    (cd "$WORK/node$id" && exec "$BIN" --id "$id" --cluster "$CLUSTER" --port "${id}2380") \
+    # shellcheck disable=SC2086 # NODE_ARGS is a list of flags
+    (cd "$WORK/node$id" && exec "$BIN" --id "$id" --cluster "$CLUSTER" --port "${id}2380" ${NODE_ARGS:-}) \
         >"$WORK/node$id/node.log" 2>&1 &
     PIDS+=("$!")
 done

@@ -34,6 +34,27 @@ struct SnapshotData {
     kv: Vec<u8>,
 }
 
+/// Writes a [`SnapshotData`] into `buf` with the store's part serialized in place: the same
+/// bytes as `bincode::serialize(&SnapshotData { .. })`, without building the `kv` vector first
+/// and copying it.
+fn encode_snapshot_data(
+    mut buf: Vec<u8>,
+    members: &BTreeMap<u64, String>,
+    removed: &BTreeSet<u64>,
+    sessions: &Sessions,
+    get_snapshot: &super::GetSnapshot,
+) -> Vec<u8> {
+    // bincode writes a struct as its fields in order, and bytes as a u64 length and the bytes.
+    bincode::serialize_into(&mut buf, &(members, removed, sessions))
+        .expect("invariant: serializing strings and numbers into memory cannot fail");
+    let len_at = buf.len();
+    buf.extend_from_slice(&[0; 8]);
+    get_snapshot(&mut buf);
+    let kv_len = (buf.len() - len_at - 8) as u64;
+    buf[len_at..len_at + 8].copy_from_slice(&kv_len.to_le_bytes());
+    buf
+}
+
 /// Checks that a snapshot's payload decodes, before it is saved.
 pub(super) fn check_snapshot_payload(snap: &Snapshot) -> Result<(), NodeError> {
     bincode::deserialize::<SnapshotData>(&snap.data)
@@ -367,22 +388,25 @@ impl RaftNode {
             last_snapshot = self.snapshot_index,
             "start snapshot"
         );
-        let payload = SnapshotData {
-            members: self.members.clone(),
-            removed: self
-                .removed
-                .read()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .iter()
-                .copied()
-                .collect(),
-            sessions: self.sessions.clone(),
-            kv: (self.get_snapshot)(),
-        };
+        let removed: BTreeSet<u64> = self
+            .removed
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        // Room for a store a little larger than last time, so the buffer is not regrown.
+        let capacity = self.last_snapshot_bytes + self.last_snapshot_bytes / 8 + 4096;
+        let data = encode_snapshot_data(
+            Vec::with_capacity(capacity),
+            &self.members,
+            &removed,
+            &self.sessions,
+            &self.get_snapshot,
+        );
+        self.last_snapshot_bytes = data.len();
         let mut snap = Snapshot {
-            data: bincode::serialize(&payload)
-                .expect("invariant: serializing strings and bytes into memory cannot fail")
-                .into(),
+            data: data.into(),
             ..Default::default()
         };
         let meta = snap.mut_metadata();
@@ -419,6 +443,32 @@ mod tests {
             term: 1,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn snapshot_data_is_encoded_as_bincode_would() {
+        let members: BTreeMap<u64, String> = [
+            (1, "http://127.0.0.1:12379".to_string()),
+            (4, "http://h:4".to_string()),
+        ]
+        .into();
+        let removed: BTreeSet<u64> = [3, 9].into();
+        let sessions: Sessions = [(7, 42)].into();
+        let kv = b"any bytes the store writes".to_vec();
+        let store = kv.clone();
+        let get: crate::raft_node::GetSnapshot = Box::new(move |out| out.extend_from_slice(&store));
+        let want = bincode::serialize(&SnapshotData {
+            members: members.clone(),
+            removed: removed.clone(),
+            sessions: sessions.clone(),
+            kv,
+        })
+        .expect("ser");
+        let got = encode_snapshot_data(vec![], &members, &removed, &sessions, &get);
+        assert_eq!(got, want);
+        let back: SnapshotData = bincode::deserialize(&got).expect("decodes");
+        assert_eq!(back.kv, b"any bytes the store writes");
+        assert_eq!(back.members, members);
     }
 
     #[test]

@@ -145,9 +145,12 @@ pub enum Commit {
     },
 }
 
-/// Serializes the key-value store for a snapshot; called on the raft thread once every
-/// published entry is applied.
-pub type GetSnapshot = Box<dyn Fn() -> Vec<u8> + Send>;
+/// Serializes the key-value store for a snapshot, appending it to the buffer (Go's
+/// `getSnapshot`); called on the raft thread once every published entry is applied. Appending,
+/// rather than returning a new buffer, lets the node write the whole snapshot payload in one
+/// pass into one buffer sized from the last snapshot: no second copy of megabytes of map, and
+/// no reallocations while it grows.
+pub type GetSnapshot = Box<dyn Fn(&mut Vec<u8>) + Send>;
 
 /// Why the raft node stopped with an error.
 #[derive(Debug, thiserror::Error)]

@@ -57,7 +57,7 @@ async fn once(proposers: usize) -> Result<Duration, String> {
             conf_change_rx,
             read_index_rx,
         },
-        Box::new(Vec::new),
+        Box::new(|_| {}),
     )
     .await
     .map_err(|e| e.to_string())?;

@@ -123,7 +123,7 @@ async fn put_and_get_key_value() {
             conf_change_rx,
             read_index_rx,
         },
-        Box::new(move || snap_src.get_snapshot()),
+        Box::new(move |out| snap_src.write_snapshot(out)),
     )
     .await
     .expect("node starts");
@@ -153,4 +153,79 @@ async fn put_and_get_key_value() {
         .await
         .expect("GET");
     assert_eq!((get.status, &get.body[..]), (200, &b"v2"[..]));
+}
+
+/// Followers hear of a new commit index right away, not at the next heartbeat: the node
+/// skips raft-rs's empty commit broadcasts and sends the commit itself when no append
+/// carried it (`send_pending_commits`). With a 250 ms tick (one heartbeat per tick) each write
+/// would otherwise reach the last follower's store some 150 ms after it committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_apply_without_waiting_for_a_heartbeat() {
+    init_tracing();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (listeners, peers) = bind_peers(3).await;
+    let mut nodes = Vec::new();
+    for (i, l) in listeners.into_iter().enumerate() {
+        let mut cfg = test_config(i as u64 + 1, &peers, dir.path());
+        cfg.tick_interval = Duration::from_millis(250);
+        nodes.push(crate::support::cluster::start_node(cfg, l, Box::new(|_| {})).await);
+    }
+    // Every node reports each payload it applies, with the node's index.
+    let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<(usize, Vec<u8>)>();
+    for (i, n) in nodes.iter_mut().enumerate() {
+        let mut crx = n.commit_rx.take().expect("commit channel");
+        let seen = seen_tx.clone();
+        tokio::spawn(async move {
+            while let Some(c) = crx.recv().await {
+                if let Commit::Entries {
+                    data, apply_done, ..
+                } = c
+                {
+                    for d in data {
+                        let _ = seen.send((i, d.to_vec()));
+                    }
+                    let _ = apply_done.send(());
+                }
+            }
+        });
+    }
+    let ptx = nodes[0].propose_tx.clone().expect("proposer");
+    // Returns how long until `payload` was applied on all three nodes.
+    let mut round = async |payload: Vec<u8>, limit: Duration| {
+        let started = tokio::time::Instant::now();
+        ptx.send(payload.clone()).await.expect("propose");
+        let mut on = [false; 3];
+        while !on.iter().all(|x| *x) {
+            let (i, d) = tokio::time::timeout_at(started + limit, seen_rx.recv())
+                .await
+                .expect("the write applies on every node in time")
+                .expect("appliers run");
+            if d == payload {
+                on[i] = true;
+            }
+        }
+        started.elapsed()
+    };
+    // The first write waits for an election (10-20 ticks of 250 ms).
+    round(b"warm-up".to_vec(), Duration::from_secs(30)).await;
+    let mut took = Vec::new();
+    for k in 0..9 {
+        took.push(round(format!("w{k}").into_bytes(), Duration::from_secs(10)).await);
+    }
+    took.sort();
+    let median = took[took.len() / 2];
+    assert!(
+        median < Duration::from_millis(100),
+        "a write took {median:?} (median of {took:?}) to apply on every node; followers seem \
+         to learn the commit from heartbeats only"
+    );
+    for n in &mut nodes {
+        n.propose_tx = None;
+    }
+    drop(ptx);
+    for n in &mut nodes {
+        if let Some(rx) = n.error_rx.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(20), rx).await;
+        }
+    }
 }

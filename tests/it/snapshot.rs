@@ -25,12 +25,11 @@ async fn snapshot_waits_for_apply_done() {
         cfg.snapshot_catchup_entries = 4;
         let tx = snapped_tx.clone();
         let get_snapshot: raftexample::raft_node::GetSnapshot = if i == 0 {
-            Box::new(move || {
+            Box::new(move |_| {
                 let _ = tx.send(());
-                Vec::new()
             })
         } else {
-            Box::new(Vec::new)
+            Box::new(|_| {})
         };
         nodes.push(start_node(cfg, l, get_snapshot).await);
     }
