@@ -451,7 +451,15 @@ impl RaftNode {
             self.proposed_to = leader;
             self.proposer.restart();
         }
-        let unproposed = self.proposer.take_unproposed();
+        let following = !self.is_leader();
+        let unproposed = if following && self.proposer.hold_forward() {
+            Vec::new()
+        } else {
+            self.proposer.take_unproposed()
+        };
+        if following && !unproposed.is_empty() {
+            self.proposer.mark_forwarded();
+        }
         for chunk in chunk_by_size(unproposed, MAX_PROPOSAL_BATCH_BYTES) {
             let entries: Vec<Entry> = chunk
                 .into_iter()
@@ -507,6 +515,15 @@ impl RaftNode {
                 if self.on_ready().await? == Flow::Removed {
                     return Ok(Flow::Removed);
                 }
+            }
+            // Proposals a follower held (`Proposer::hold_forward`) go as soon as the leader's
+            // append brought the previous batch back.
+            if self.proposer.has_unproposed()
+                && self.can_propose()
+                && (self.is_leader() || !self.proposer.hold_forward())
+            {
+                self.propose_pending();
+                continue;
             }
             if !self.send_pending_commits() {
                 return Ok(Flow::Continue);
@@ -581,6 +598,10 @@ impl RaftNode {
             self.storage.apply_snapshot(snap.clone())?;
             self.publish_snapshot(&snap).await?;
             metrics::SNAPSHOTS_RECEIVED.inc();
+        }
+
+        for e in rd.entries() {
+            self.proposer.note_in_log(&e.data);
         }
 
         // 3. Hard state and new entries to the WAL: one write, one fsync if raft needs it.

@@ -28,6 +28,10 @@ pub const HEADER_LEN: usize = 16;
 /// Re-propose if nothing of ours was applied for this long while proposals are outstanding.
 pub const RETRY_AFTER: Duration = Duration::from_secs(1);
 
+/// How long a follower holds new proposals while its last forwarded batch has not come back
+/// in the leader's appends (see [`Proposer::hold_forward`]).
+pub const FORWARD_HOLD: Duration = Duration::from_millis(2);
+
 /// This node's outstanding proposals.
 pub struct Proposer {
     origin: u64,
@@ -38,6 +42,10 @@ pub struct Proposer {
     proposed: usize,
     /// When our applied sequence last moved (or the queue went from empty to busy).
     last_progress: Instant,
+    /// The highest sequence number forwarded to a leader, and when.
+    forwarded: Option<(u64, Instant)>,
+    /// The highest sequence number of ours seen in the local log.
+    seen_in_log: u64,
 }
 
 impl Proposer {
@@ -49,6 +57,8 @@ impl Proposer {
             unconfirmed: VecDeque::new(),
             proposed: 0,
             last_progress: Instant::now(),
+            forwarded: None,
+            seen_in_log: 0,
         }
     }
 
@@ -100,6 +110,37 @@ impl Proposer {
     pub fn restart(&mut self) {
         self.proposed = 0;
         self.last_progress = Instant::now();
+        self.forwarded = None;
+    }
+
+    /// Whether some proposals were not handed to raft yet.
+    pub fn has_unproposed(&self) -> bool {
+        self.proposed < self.unconfirmed.len()
+    }
+
+    /// Records that everything handed to raft so far went to a leader elsewhere.
+    pub fn mark_forwarded(&mut self) {
+        let last = self.proposed.checked_sub(1).map(|i| self.unconfirmed[i].0);
+        self.forwarded = last.map(|seq| (seq, Instant::now()));
+    }
+
+    /// Notes an entry appended to the local log: one of ours means the leader has it.
+    pub fn note_in_log(&mut self, data: &[u8]) {
+        if data.len() >= HEADER_LEN && data[0..8] == self.origin.to_be_bytes() {
+            let seq = u64::from_be_bytes(data[8..16].try_into().expect("invariant: 8 bytes"));
+            self.seen_in_log = self.seen_in_log.max(seq);
+        }
+    }
+
+    /// Whether a follower should wait before forwarding more: the last batch it forwarded
+    /// has not come back in the leader's appends yet, and was sent less than [`FORWARD_HOLD`]
+    /// ago. Nagle's algorithm for proposals: with one batch on its way to the leader at a
+    /// time, the proposals that arrive meanwhile go together in the next one, so a busy
+    /// follower sends the leader fewer, larger batches, and every node writes and fsyncs
+    /// fewer, larger Readies. An idle follower forwards at once.
+    pub fn hold_forward(&self) -> bool {
+        self.forwarded
+            .is_some_and(|(seq, at)| seq > self.seen_in_log && at.elapsed() < FORWARD_HOLD)
     }
 
     /// Whether proposals are outstanding and nothing was applied for [`RETRY_AFTER`].
@@ -166,6 +207,38 @@ pub fn fresh_origin() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_follower_holds_new_proposals_until_its_last_batch_is_in_the_log() {
+        let mut p = Proposer::new();
+        assert!(!p.hold_forward(), "an idle follower forwards at once");
+        p.push(b"a");
+        p.push(b"b");
+        let batch = p.take_unproposed();
+        p.mark_forwarded();
+        p.push(b"c");
+        assert!(p.hold_forward() && p.has_unproposed());
+        // Another node's entry, and the first of ours, do not release the hold.
+        let mut other = batch[1].to_vec();
+        other[0] ^= 1;
+        p.note_in_log(&other);
+        p.note_in_log(&batch[0]);
+        assert!(p.hold_forward());
+        // The whole batch is in the log: the next one may go.
+        p.note_in_log(&batch[1]);
+        assert!(!p.hold_forward());
+        assert_eq!(p.take_unproposed().len(), 1);
+        // A batch that never comes back is held at most FORWARD_HOLD, and a restart (a new
+        // leader) forgets it.
+        p.mark_forwarded();
+        assert!(p.hold_forward());
+        p.restart();
+        assert!(!p.hold_forward());
+        p.take_unproposed();
+        p.mark_forwarded();
+        std::thread::sleep(FORWARD_HOLD + Duration::from_millis(1));
+        assert!(!p.hold_forward());
+    }
 
     #[test]
     fn retries_are_applied_once_and_in_order() {
