@@ -262,9 +262,9 @@ impl KvStore {
     /// serializes straight from the map: no intermediate map of borrowed pairs (which cost a
     /// hash per key), and bincode sizes the output exactly before writing it.
     pub fn get_snapshot(&self) -> Vec<u8> {
-        let map = self.read();
-        bincode::serialize(&SnapshotRef(&map))
-            .expect("invariant: serializing strings and bytes into memory cannot fail")
+        let mut out = Vec::new();
+        self.write_snapshot(&mut out);
+        out
     }
 
     /// [`KvStore::get_snapshot`], appended to `out` (the raft node's [`GetSnapshot`]).

@@ -440,9 +440,11 @@ impl RaftNode {
     /// Proposes everything that waited, batched into `MsgPropose`s of up to
     /// [`MAX_PROPOSAL_BATCH_BYTES`] (usually one): one step through raft and one append per
     /// batch, and on a follower one forwarded message to the leader.
-    fn propose_pending(&mut self) {
+    ///
+    /// Returns whether it handed raft any entries.
+    fn propose_pending(&mut self) -> bool {
         if !self.can_propose() {
-            return;
+            return false;
         }
         // Proposals sent to a leader that is gone may be lost with it; so may any that made no
         // progress for a while. Propose them again: applying is idempotent (`proposals`).
@@ -457,7 +459,8 @@ impl RaftNode {
         } else {
             self.proposer.take_unproposed()
         };
-        if following && !unproposed.is_empty() {
+        let proposed_any = !unproposed.is_empty();
+        if following && proposed_any {
             self.proposer.mark_forwarded();
         }
         for chunk in chunk_by_size(unproposed, MAX_PROPOSAL_BATCH_BYTES) {
@@ -498,6 +501,7 @@ impl RaftNode {
         } else if retry {
             self.propose_conf_change();
         }
+        proposed_any
     }
 
     fn propose_conf_change(&mut self) {
@@ -518,11 +522,7 @@ impl RaftNode {
             }
             // Proposals a follower held (`Proposer::hold_forward`) go as soon as the leader's
             // append brought the previous batch back.
-            if self.proposer.has_unproposed()
-                && self.can_propose()
-                && (self.is_leader() || !self.proposer.hold_forward())
-            {
-                self.propose_pending();
+            if self.proposer.has_unproposed() && self.propose_pending() {
                 continue;
             }
             if !self.send_pending_commits() {
