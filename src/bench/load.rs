@@ -29,6 +29,8 @@ pub struct PutOutcome {
     pub errors: BTreeMap<String, u64>,
     /// Latency of acknowledged PUTs in microseconds.
     pub latency_us: Histogram<u64>,
+    /// The same, per endpoint URL: shows whether one node (often the leader) is the slow one.
+    pub latency_us_by_endpoint: BTreeMap<String, Histogram<u64>>,
     /// From the start of the first PUT to the end of the last.
     pub duration: Duration,
 }
@@ -76,6 +78,7 @@ pub async fn put_phase(
         acked: Vec::with_capacity(usize::try_from(cfg.total).unwrap_or(0)),
         errors: BTreeMap::new(),
         latency_us: new_histogram(),
+        latency_us_by_endpoint: BTreeMap::new(),
         duration: Duration::ZERO,
     };
     for task in tasks {
@@ -87,9 +90,15 @@ pub async fn put_phase(
         for (cause, n) in part.errors {
             *out.errors.entry(cause).or_default() += n;
         }
-        out.latency_us
-            .add(&part.latency_us)
-            .map_err(|e| BenchError::Worker(format!("merging latency histograms: {e:?}")))?;
+        let merge_error = |e| BenchError::Worker(format!("merging latency histograms: {e:?}"));
+        out.latency_us.add(&part.latency_us).map_err(merge_error)?;
+        for (url, h) in part.latency_us_by_endpoint {
+            out.latency_us_by_endpoint
+                .entry(url)
+                .or_insert_with(new_histogram)
+                .add(&h)
+                .map_err(merge_error)?;
+        }
     }
     out.duration = started.elapsed();
     out.acked.sort_unstable();
@@ -109,11 +118,15 @@ async fn client_loop(
         acked: Vec::new(),
         errors: BTreeMap::new(),
         latency_us: new_histogram(),
+        latency_us_by_endpoint: BTreeMap::new(),
         duration: Duration::ZERO,
     };
     loop {
         let index = next.fetch_add(1, Ordering::Relaxed);
         if index >= total {
+            // A client talks to one endpoint, so its whole histogram is that endpoint's.
+            out.latency_us_by_endpoint
+                .insert(conn.endpoint().url.clone(), out.latency_us.clone());
             return out;
         }
         let key = keys.key(index);

@@ -131,6 +131,11 @@ pub async fn run(cfg: &Config) -> Result<Report, BenchError> {
         },
         errors: put.errors,
         latency_ms: Latency::from_micros(&put.latency_us),
+        latency_ms_by_endpoint: put
+            .latency_us_by_endpoint
+            .iter()
+            .filter_map(|(url, h)| Some((url.clone(), Latency::from_micros(h)?)))
+            .collect(),
     };
 
     let replication = if cfg.verify {

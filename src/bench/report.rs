@@ -6,7 +6,8 @@
 //! { "settings":    { conns, total, val_size, endpoints: [url], target, linearizable, key_prefix },
 //!   "put":         { requests, accepted, duration_secs, accepted_per_sec,
 //!                    errors: { "<status N | connect: .. | transport: .. | timeout>": count },
-//!                    latency_ms: { p50, p90, p99, p99_9, max, mean } | null },
+//!                    latency_ms: { p50, p90, p99, p99_9, max, mean } | null,
+//!                    latency_ms_by_endpoint: { "<url>": { p50, p90, ... } } },
 //!   "replication": { acknowledged, readable_everywhere, all_readable, wait_secs, keys_per_sec,
 //!                    nodes: [ { endpoint, readable, all_readable_after_secs | null, rounds, lost,
 //!                               lost_sample: [key], lost_by_last_answer: { "<answer>": count } } ] }
@@ -64,6 +65,9 @@ pub struct PutReport {
     pub errors: BTreeMap<String, u64>,
     /// Latency of the accepted PUTs; `None` if none was accepted.
     pub latency_ms: Option<Latency>,
+    /// The same per endpoint URL (endpoints that accepted no PUT are left out).
+    #[serde(default)]
+    pub latency_ms_by_endpoint: BTreeMap<String, Latency>,
 }
 
 /// Latency percentiles in milliseconds.
@@ -195,6 +199,15 @@ impl Report {
             )?,
             None => writeln!(out, "  latency ms  - (no PUT accepted)")?,
         }
+        if p.latency_ms_by_endpoint.len() > 1 {
+            for (url, l) in &p.latency_ms_by_endpoint {
+                writeln!(
+                    out,
+                    "    {url}  p50 {:.3}  p99 {:.3}  max {:.3}",
+                    l.p50, l.p99, l.max
+                )?;
+            }
+        }
         let Some(r) = &self.replication else {
             return writeln!(out, "replication: not checked (--no-verify)");
         };
@@ -270,6 +283,18 @@ impl Report {
 mod tests {
     use super::*;
 
+    /// Percentiles that are all multiples of `x`.
+    fn lat(x: f64) -> Latency {
+        Latency {
+            p50: x,
+            p90: 2.0 * x,
+            p99: 3.0 * x,
+            p99_9: 4.0 * x,
+            max: 5.0 * x,
+            mean: 1.5 * x,
+        }
+    }
+
     fn sample(lost: bool) -> Report {
         let node = |url: &str, lost_n: u64| NodeReport {
             endpoint: url.to_owned(),
@@ -301,14 +326,11 @@ mod tests {
                 duration_secs: 0.5,
                 accepted_per_sec: 20.0,
                 errors: BTreeMap::from([("status 503".to_owned(), 2)]),
-                latency_ms: Some(Latency {
-                    p50: 1.0,
-                    p90: 2.0,
-                    p99: 3.0,
-                    p99_9: 4.0,
-                    max: 5.0,
-                    mean: 1.5,
-                }),
+                latency_ms: Some(lat(1.0)),
+                latency_ms_by_endpoint: BTreeMap::from([
+                    ("http://a:1".to_owned(), lat(0.5)),
+                    ("http://b:2".to_owned(), lat(2.0)),
+                ]),
             },
             replication: Some(ReplicationReport {
                 acknowledged: 10,
@@ -346,6 +368,7 @@ mod tests {
         for p in ["p50", "p90", "p99", "p99_9", "max", "mean"] {
             assert!(v["put"]["latency_ms"][p].is_number(), "{p}");
         }
+        assert_eq!(v["put"]["latency_ms_by_endpoint"]["http://b:2"]["p99"], 6.0);
         let r = &v["replication"];
         assert_eq!(r["acknowledged"], 10);
         assert_eq!(r["readable_everywhere"], 8);
@@ -371,6 +394,10 @@ mod tests {
         );
         assert!(text.contains("status 503: 2"), "{text}");
         assert!(text.contains("p99.9 4.000"), "{text}");
+        assert!(
+            text.contains("http://b:2  p50 2.000  p99 6.000  max 10.000"),
+            "{text}"
+        );
         assert!(
             text.contains("all 10 acknowledged keys readable on all 2 nodes"),
             "{text}"

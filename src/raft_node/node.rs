@@ -224,6 +224,13 @@ impl RaftNode {
             }
             let room = self.proposer.len() < MAX_PENDING_PROPOSALS;
             let deadline = stopping.unwrap_or_else(tokio::time::Instant::now);
+            // Held proposals (`Proposer::hold`) go when their batch arrives or the hold ends.
+            let release = self
+                .proposer
+                .has_unproposed()
+                .then(|| self.proposer.hold_until(self.node.raft.raft_log.committed))
+                .flatten()
+                .map(tokio::time::Instant::from_std);
             tokio::select! {
                 biased;
                 _ = inputs.stop.cancelled(), if stopping.is_none() => {
@@ -236,6 +243,7 @@ impl RaftNode {
                     tracing::warn!("leadership transfer did not finish in time; stopping anyway");
                     break Ok(());
                 }
+                _ = tokio::time::sleep_until(release.unwrap_or(deadline)), if release.is_some() => {}
                 _ = ticker.tick() => {
                     self.node.tick();
                     self.retry_reads();
@@ -453,16 +461,12 @@ impl RaftNode {
             self.proposed_to = leader;
             self.proposer.restart();
         }
-        let following = !self.is_leader();
-        let unproposed = if following && self.proposer.hold_forward() {
+        let unproposed = if self.proposer.hold(self.node.raft.raft_log.committed) {
             Vec::new()
         } else {
             self.proposer.take_unproposed()
         };
         let proposed_any = !unproposed.is_empty();
-        if following && proposed_any {
-            self.proposer.mark_forwarded();
-        }
         for chunk in chunk_by_size(unproposed, MAX_PROPOSAL_BATCH_BYTES) {
             let entries: Vec<Entry> = chunk
                 .into_iter()
@@ -483,6 +487,14 @@ impl RaftNode {
                     metrics::PROPOSALS_DROPPED.inc_by(n as u64);
                     tracing::error!("raft dropped {n} proposal(s): {e}");
                 }
+            }
+        }
+        if proposed_any {
+            if self.is_leader() {
+                self.proposer
+                    .mark_appended(self.node.raft.raft_log.last_index());
+            } else {
+                self.proposer.mark_forwarded();
             }
         }
         let retry = self
@@ -520,8 +532,8 @@ impl RaftNode {
                     return Ok(Flow::Removed);
                 }
             }
-            // Proposals a follower held (`Proposer::hold_forward`) go as soon as the leader's
-            // append brought the previous batch back.
+            // Held proposals (`Proposer::hold`) go as soon as the previous batch arrived: in
+            // the leader's appends on a follower, committed on the leader.
             if self.proposer.has_unproposed() && self.propose_pending() {
                 continue;
             }

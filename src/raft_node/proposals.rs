@@ -28,9 +28,18 @@ pub const HEADER_LEN: usize = 16;
 /// Re-propose if nothing of ours was applied for this long while proposals are outstanding.
 pub const RETRY_AFTER: Duration = Duration::from_secs(1);
 
-/// How long a follower holds new proposals while its last forwarded batch has not come back
-/// in the leader's appends (see [`Proposer::hold_forward`]).
-pub const FORWARD_HOLD: Duration = Duration::from_millis(2);
+/// How long a node holds new proposals while its last batch is on its way (see
+/// [`Proposer::hold`]).
+pub const PROPOSAL_HOLD: Duration = Duration::from_millis(2);
+
+/// The last batch of proposals this node handed to raft.
+#[derive(Debug, Clone, Copy)]
+enum InFlight {
+    /// Forwarded to the leader; the highest sequence number in it.
+    Forwarded(u64),
+    /// Appended to this leader's log; the log index of its last entry.
+    Appended(u64),
+}
 
 /// This node's outstanding proposals.
 pub struct Proposer {
@@ -42,8 +51,8 @@ pub struct Proposer {
     proposed: usize,
     /// When our applied sequence last moved (or the queue went from empty to busy).
     last_progress: Instant,
-    /// The highest sequence number forwarded to a leader, and when.
-    forwarded: Option<(u64, Instant)>,
+    /// The batch in flight, and when it was handed to raft (see [`Proposer::hold`]).
+    in_flight: Option<(InFlight, Instant)>,
     /// The highest sequence number of ours seen in the local log.
     seen_in_log: u64,
 }
@@ -57,7 +66,7 @@ impl Proposer {
             unconfirmed: VecDeque::new(),
             proposed: 0,
             last_progress: Instant::now(),
-            forwarded: None,
+            in_flight: None,
             seen_in_log: 0,
         }
     }
@@ -110,7 +119,7 @@ impl Proposer {
     pub fn restart(&mut self) {
         self.proposed = 0;
         self.last_progress = Instant::now();
-        self.forwarded = None;
+        self.in_flight = None;
     }
 
     /// Whether some proposals were not handed to raft yet.
@@ -121,7 +130,13 @@ impl Proposer {
     /// Records that everything handed to raft so far went to a leader elsewhere.
     pub fn mark_forwarded(&mut self) {
         let last = self.proposed.checked_sub(1).map(|i| self.unconfirmed[i].0);
-        self.forwarded = last.map(|seq| (seq, Instant::now()));
+        self.in_flight = last.map(|seq| (InFlight::Forwarded(seq), Instant::now()));
+    }
+
+    /// Records that this node, leading, appended everything handed to raft so far to its log,
+    /// up to `last_index`.
+    pub fn mark_appended(&mut self, last_index: u64) {
+        self.in_flight = Some((InFlight::Appended(last_index), Instant::now()));
     }
 
     /// Notes an entry appended to the local log: one of ours means the leader has it.
@@ -132,15 +147,28 @@ impl Proposer {
         }
     }
 
-    /// Whether a follower should wait before forwarding more: the last batch it forwarded
-    /// has not come back in the leader's appends yet, and was sent less than [`FORWARD_HOLD`]
-    /// ago. Nagle's algorithm for proposals: with one batch on its way to the leader at a
-    /// time, the proposals that arrive meanwhile go together in the next one, so a busy
-    /// follower sends the leader fewer, larger batches, and every node writes and fsyncs
-    /// fewer, larger Readies. An idle follower forwards at once.
-    pub fn hold_forward(&self) -> bool {
-        self.forwarded
-            .is_some_and(|(seq, at)| seq > self.seen_in_log && at.elapsed() < FORWARD_HOLD)
+    /// Whether to wait before handing raft more proposals: the last batch is still on its
+    /// way, and was handed over less than [`PROPOSAL_HOLD`] ago. On a follower the batch is
+    /// on its way until it comes back in the leader's appends; on the leader, until it is
+    /// committed (`committed` is the leader's commit index).
+    ///
+    /// Nagle's algorithm for proposals: with one batch in flight at a time, the proposals that
+    /// arrive meanwhile go together in the next one, so every node writes and fsyncs fewer,
+    /// larger Readies and sends fewer, larger messages. An idle node proposes at once, and a
+    /// plain PUT is answered before it is proposed, so holding costs it nothing.
+    pub fn hold(&self, committed: u64) -> bool {
+        self.hold_until(committed).is_some()
+    }
+
+    /// When the current hold (see [`Proposer::hold`]) ends at the latest, if there is one.
+    pub fn hold_until(&self, committed: u64) -> Option<Instant> {
+        let (batch, at) = self.in_flight?;
+        let on_its_way = match batch {
+            InFlight::Forwarded(seq) => seq > self.seen_in_log,
+            InFlight::Appended(index) => index > committed,
+        };
+        let until = at + PROPOSAL_HOLD;
+        (on_its_way && Instant::now() < until).then_some(until)
     }
 
     /// Whether proposals are outstanding and nothing was applied for [`RETRY_AFTER`].
@@ -210,34 +238,55 @@ mod tests {
 
     #[test]
     fn a_follower_holds_new_proposals_until_its_last_batch_is_in_the_log() {
+        // Followers ignore the commit index: their batch is back once it is in their log.
+        let hold = |p: &Proposer| p.hold(u64::MAX);
         let mut p = Proposer::new();
-        assert!(!p.hold_forward(), "an idle follower forwards at once");
+        assert!(!hold(&p), "an idle follower forwards at once");
         p.push(b"a");
         p.push(b"b");
         let batch = p.take_unproposed();
         p.mark_forwarded();
         p.push(b"c");
-        assert!(p.hold_forward() && p.has_unproposed());
+        assert!(hold(&p) && p.has_unproposed());
         // Another node's entry, and the first of ours, do not release the hold.
         let mut other = batch[1].to_vec();
         other[0] ^= 1;
         p.note_in_log(&other);
         p.note_in_log(&batch[0]);
-        assert!(p.hold_forward());
+        assert!(hold(&p));
         // The whole batch is in the log: the next one may go.
         p.note_in_log(&batch[1]);
-        assert!(!p.hold_forward());
+        assert!(!hold(&p));
         assert_eq!(p.take_unproposed().len(), 1);
-        // A batch that never comes back is held at most FORWARD_HOLD, and a restart (a new
+        // A batch that never comes back is held at most PROPOSAL_HOLD, and a restart (a new
         // leader) forgets it.
         p.mark_forwarded();
-        assert!(p.hold_forward());
+        assert!(hold(&p));
         p.restart();
-        assert!(!p.hold_forward());
+        assert!(!hold(&p));
         p.take_unproposed();
         p.mark_forwarded();
-        std::thread::sleep(FORWARD_HOLD + Duration::from_millis(1));
-        assert!(!p.hold_forward());
+        let until = p.hold_until(0).expect("held");
+        assert!(until <= Instant::now() + PROPOSAL_HOLD);
+        std::thread::sleep(PROPOSAL_HOLD + Duration::from_millis(1));
+        assert!(!hold(&p));
+    }
+
+    #[test]
+    fn a_leader_holds_new_proposals_until_its_last_batch_is_committed() {
+        let mut p = Proposer::new();
+        assert!(!p.hold(0), "an idle leader proposes at once");
+        p.push(b"a");
+        p.take_unproposed();
+        p.mark_appended(7);
+        p.push(b"b");
+        assert!(p.hold(6), "index 7 is not committed yet");
+        // Our own entries showing up in the log do not matter to a leader.
+        p.note_in_log(&p.unconfirmed[0].1.clone());
+        assert!(p.hold(6));
+        assert!(!p.hold(7), "committed: the next batch may go");
+        std::thread::sleep(PROPOSAL_HOLD + Duration::from_millis(1));
+        assert!(!p.hold(6), "held at most PROPOSAL_HOLD");
     }
 
     #[test]
