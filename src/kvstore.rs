@@ -258,8 +258,8 @@ impl KvStore {
 
     /// The whole map, serialized for a raft snapshot (Go: `getSnapshot`, JSON there).
     ///
-    /// Runs on the raft thread every `snapshot_count` entries and walks every key, so it
-    /// serializes straight from the map: no intermediate map of borrowed pairs (which cost a
+    /// Runs on the snapshot writer thread every `snapshot_count` entries (holding the read
+    /// lock, so GETs go on) and walks every key, so it serializes straight from the map: no intermediate map of borrowed pairs (which cost a
     /// hash per key), and bincode sizes the output exactly before writing it.
     pub fn get_snapshot(&self) -> Vec<u8> {
         let mut out = Vec::new();

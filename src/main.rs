@@ -2,6 +2,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
@@ -57,7 +58,7 @@ async fn run(args: Args) -> Result<(), String> {
             conf_change_rx,
             read_index_rx,
         },
-        Box::new(move |out| snapshot_source.write_snapshot(out)),
+        Arc::new(move |out| snapshot_source.write_snapshot(out)),
     )
     .await
     .map_err(|e| e.to_string())?;

@@ -3,12 +3,14 @@
 //! `processMessages`).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use protobuf::Message as _;
 use raft::Storage;
 use raft::eraftpb::{
     ConfChange, ConfChangeType, ConfState, Entry, EntryType, Message, MessageType, Snapshot,
+    SnapshotMetadata,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
@@ -16,6 +18,7 @@ use tokio::sync::oneshot;
 use super::node::{Flow, RaftNode};
 use super::proposals::{self, Sessions, Verdict};
 use super::{Commit, NodeError};
+use crate::snap::SnapError;
 use crate::wal::WalSnapshot;
 
 /// What a snapshot file holds in `Snapshot.data`: the store's own bytes, plus the raft URL of
@@ -283,11 +286,47 @@ impl RaftNode {
         .await
     }
 
-    async fn publish(&self, commit: Commit) -> Result<(), NodeError> {
+    /// Hands a commit to the key-value store, in order; held back while a snapshot thread is
+    /// serializing the store, which must stay at the snapshot's index until it is done.
+    async fn publish(&mut self, commit: Commit) -> Result<(), NodeError> {
+        if self.serializing() {
+            self.held_commits.push(commit);
+            return Ok(());
+        }
+        self.release_held_commits().await?;
+        self.send_commit(commit).await
+    }
+
+    async fn send_commit(&self, commit: Commit) -> Result<(), NodeError> {
         self.commit_tx
             .send(commit)
             .await
             .map_err(|_| NodeError::Halted("the key-value store stopped reading commits".into()))
+    }
+
+    /// Sends the commits held back during a serialization, oldest first.
+    async fn release_held_commits(&mut self) -> Result<(), NodeError> {
+        for commit in std::mem::take(&mut self.held_commits) {
+            self.send_commit(commit).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether the snapshot thread is still serializing the store.
+    pub(super) fn serializing(&mut self) -> bool {
+        let Some(rx) = self
+            .snapshot_in_flight
+            .as_mut()
+            .and_then(|s| s.serialized.as_mut())
+        else {
+            return false;
+        };
+        // Fired, or dropped by a thread that died (then `written` reports it).
+        let still = matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty));
+        if !still && let Some(s) = self.snapshot_in_flight.as_mut() {
+            s.serialized = None;
+        }
+        still
     }
 
     /// Saves a snapshot: the file first, then its WAL record (synced). A crash in between
@@ -315,22 +354,43 @@ impl RaftNode {
     /// old WAL segments go, raft may serve it, and the log is compacted. With `wait` false it
     /// returns at once if the file is not written yet.
     pub(super) async fn finish_snapshot(&mut self, wait: bool) -> Result<(), NodeError> {
-        let Some((snap, mut written)) = self.snapshot_in_flight.take() else {
+        let Some(mut inflight) = self.snapshot_in_flight.take() else {
             return Ok(());
         };
+        // First the store's serialization, which commits wait for ...
+        if let Some(mut serialized) = inflight.serialized.take() {
+            let done = if wait {
+                let _ = (&mut serialized).await;
+                true
+            } else {
+                !matches!(
+                    serialized.try_recv(),
+                    Err(oneshot::error::TryRecvError::Empty)
+                )
+            };
+            if !done {
+                inflight.serialized = Some(serialized);
+                self.snapshot_in_flight = Some(inflight);
+                return Ok(());
+            }
+        }
+        self.release_held_commits().await?;
+        // ... then the file.
         let result = if wait {
-            written.await.ok()
+            (&mut inflight.written).await.ok()
         } else {
-            match written.try_recv() {
+            match inflight.written.try_recv() {
                 Err(oneshot::error::TryRecvError::Empty) => {
-                    self.snapshot_in_flight = Some((snap, written));
+                    self.snapshot_in_flight = Some(inflight);
                     return Ok(());
                 }
                 Err(oneshot::error::TryRecvError::Closed) => None,
                 Ok(r) => Some(r),
             }
         };
-        result.ok_or_else(|| NodeError::Halted("the snapshot writer thread died".into()))??;
+        let snap =
+            result.ok_or_else(|| NodeError::Halted("the snapshot writer thread died".into()))??;
+        self.last_snapshot_bytes = snap.data.len();
         self.record_snapshot(&snap)?;
         let (applied, index) = (self.applied_index, snap.get_metadata().index);
         // The commit index at `index` was written to the WAL (LightReady) before the snapshot
@@ -395,42 +455,61 @@ impl RaftNode {
             .iter()
             .copied()
             .collect();
-        // Room for a store a little larger than last time, so the buffer is not regrown.
-        let capacity = self.last_snapshot_bytes + self.last_snapshot_bytes / 8 + 4096;
-        let data = encode_snapshot_data(
-            Vec::with_capacity(capacity),
-            &self.members,
-            &removed,
-            &self.sessions,
-            &self.get_snapshot,
-        );
-        self.last_snapshot_bytes = data.len();
-        let mut snap = Snapshot {
-            data: data.into(),
+        let mut meta = SnapshotMetadata {
+            index: applied,
+            term: self.storage.term(applied)?,
             ..Default::default()
         };
-        let meta = snap.mut_metadata();
-        meta.index = applied;
-        meta.term = self.storage.term(applied)?;
         meta.set_conf_state(self.conf_state.clone());
-        // The state is captured (serialized above, at exactly `applied`); writing and fsyncing
-        // the file, megabytes for a large store, happens on a thread of its own so that the
-        // Ready loop keeps serving meanwhile. `finish_snapshot` completes it.
-        let (done, written) = oneshot::channel();
+        // Room for a store a little larger than last time, so the buffer is not regrown.
+        let capacity = self.last_snapshot_bytes + self.last_snapshot_bytes / 8 + 4096;
+        let (members, sessions) = (self.members.clone(), self.sessions.clone());
+        let get_snapshot = Arc::clone(&self.get_snapshot);
+        let wake = Arc::clone(&self.serialized_wake);
         let snapshotter = self.snapshotter.clone();
-        let file = snap.clone();
+        // Serializing the map (tens of milliseconds per 100,000 keys) and writing and fsyncing
+        // the file happen on a thread of its own, so the Ready loop keeps serving meanwhile.
+        // The store must stay at `applied` while it is serialized: `publish` holds commits back
+        // until `serialized` fires. `finish_snapshot` completes the snapshot.
+        let (serialized_tx, serialized) = oneshot::channel();
+        let (done, written) = oneshot::channel();
         std::thread::Builder::new()
             .name("snapshot-writer".into())
             .spawn(move || {
-                let _ = done.send(snapshotter.save_snap(&file));
+                let data = encode_snapshot_data(
+                    Vec::with_capacity(capacity),
+                    &members,
+                    &removed,
+                    &sessions,
+                    &get_snapshot,
+                );
+                let _ = serialized_tx.send(());
+                wake.notify_one();
+                let snap = Snapshot {
+                    data: data.into(),
+                    metadata: Some(meta).into(),
+                    ..Default::default()
+                };
+                let _ = done.send(snapshotter.save_snap(&snap).map(|()| snap));
             })
             .map_err(|source| NodeError::Io {
                 context: "spawning the snapshot writer".into(),
                 source,
             })?;
-        self.snapshot_in_flight = Some((snap, written));
+        self.snapshot_in_flight = Some(SnapshotInFlight {
+            serialized: Some(serialized),
+            written,
+        });
         Ok(())
     }
+}
+
+/// A snapshot being taken by the snapshot writer thread.
+pub(super) struct SnapshotInFlight {
+    /// Fires once the store is serialized; until then commits are held back (`publish`).
+    serialized: Option<oneshot::Receiver<()>>,
+    /// The snapshot, once its file is durable.
+    written: oneshot::Receiver<Result<Snapshot, SnapError>>,
 }
 
 #[cfg(test)]
@@ -456,7 +535,7 @@ mod tests {
         let sessions: Sessions = [(7, 42)].into();
         let kv = b"any bytes the store writes".to_vec();
         let store = kv.clone();
-        let get: crate::raft_node::GetSnapshot = Box::new(move |out| out.extend_from_slice(&store));
+        let get: crate::raft_node::GetSnapshot = Arc::new(move |out| out.extend_from_slice(&store));
         let want = bincode::serialize(&SnapshotData {
             members: members.clone(),
             removed: removed.clone(),

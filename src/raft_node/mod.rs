@@ -146,11 +146,12 @@ pub enum Commit {
 }
 
 /// Serializes the key-value store for a snapshot, appending it to the buffer (Go's
-/// `getSnapshot`); called on the raft thread once every published entry is applied. Appending,
-/// rather than returning a new buffer, lets the node write the whole snapshot payload in one
-/// pass into one buffer sized from the last snapshot: no second copy of megabytes of map, and
-/// no reallocations while it grows.
-pub type GetSnapshot = Box<dyn Fn(&mut Vec<u8>) + Send>;
+/// `getSnapshot`). Called on the snapshot writer thread once every published entry is applied;
+/// the node publishes no further commits until it returns, so the store is exactly at the
+/// snapshot's index meanwhile, while the Ready loop goes on. Appending, rather than returning
+/// a new buffer, lets the whole snapshot payload be written in one pass into one buffer sized
+/// from the last snapshot: no second copy of megabytes of map, and no reallocations.
+pub type GetSnapshot = Arc<dyn Fn(&mut Vec<u8>) + Send + Sync>;
 
 /// Why the raft node stopped with an error.
 #[derive(Debug, thiserror::Error)]

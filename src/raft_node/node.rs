@@ -116,12 +116,12 @@ pub(super) struct RaftNode {
     pub(super) snapshots_saved: Vec<u64>,
     /// Size of the last snapshot payload taken, to size the next one's buffer.
     pub(super) last_snapshot_bytes: usize,
-    /// A snapshot taken whose file is being written by a background thread, and the channel
-    /// that says when it is durable (see `finish_snapshot`).
-    pub(super) snapshot_in_flight: Option<(
-        raft::eraftpb::Snapshot,
-        tokio::sync::oneshot::Receiver<Result<(), crate::snap::SnapError>>,
-    )>,
+    /// A snapshot being taken by a background thread (see `finish_snapshot`).
+    pub(super) snapshot_in_flight: Option<super::apply::SnapshotInFlight>,
+    /// Commits held back while that thread serializes the store (see `publish`).
+    pub(super) held_commits: Vec<Commit>,
+    /// Woken by that thread once the store is serialized, so held commits go at once.
+    pub(super) serialized_wake: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl RaftNode {
@@ -195,6 +195,8 @@ impl RaftNode {
             snapshots_saved: Vec::new(),
             last_snapshot_bytes: 0,
             snapshot_in_flight: None,
+            held_commits: Vec::new(),
+            serialized_wake: std::sync::Arc::default(),
         };
         if let Some(snap) = replayed.snapshot {
             rn.publish_snapshot(&snap).await?;
@@ -225,6 +227,8 @@ impl RaftNode {
             let room = self.proposer.len() < MAX_PENDING_PROPOSALS;
             let deadline = stopping.unwrap_or_else(tokio::time::Instant::now);
             // Held proposals (`Proposer::hold`) go when their batch arrives or the hold ends.
+            let serializing = self.serializing();
+            let serialized_wake = std::sync::Arc::clone(&self.serialized_wake);
             let release = self
                 .proposer
                 .has_unproposed()
@@ -244,6 +248,7 @@ impl RaftNode {
                     break Ok(());
                 }
                 _ = tokio::time::sleep_until(release.unwrap_or(deadline)), if release.is_some() => {}
+                _ = serialized_wake.notified(), if serializing => {}
                 _ = ticker.tick() => {
                     self.node.tick();
                     self.retry_reads();

@@ -57,7 +57,7 @@ async fn once(proposers: usize) -> Result<Duration, String> {
             conf_change_rx,
             read_index_rx,
         },
-        Box::new(|_| {}),
+        std::sync::Arc::new(|_| {}),
     )
     .await
     .map_err(|e| e.to_string())?;

@@ -45,7 +45,7 @@ async fn add_new_node() {
     peers.push(urls[0].clone());
     let mut cfg = test_config(4, &peers, clus.dir.path());
     cfg.join = true;
-    let node4 = start_node(cfg, l.remove(0), Box::new(|_| {})).await;
+    let node4 = start_node(cfg, l.remove(0), std::sync::Arc::new(|_| {})).await;
     node4
         .propose_tx
         .as_ref()

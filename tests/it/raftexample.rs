@@ -123,7 +123,7 @@ async fn put_and_get_key_value() {
             conf_change_rx,
             read_index_rx,
         },
-        Box::new(move |out| snap_src.write_snapshot(out)),
+        std::sync::Arc::new(move |out| snap_src.write_snapshot(out)),
     )
     .await
     .expect("node starts");
@@ -168,7 +168,7 @@ async fn followers_apply_without_waiting_for_a_heartbeat() {
     for (i, l) in listeners.into_iter().enumerate() {
         let mut cfg = test_config(i as u64 + 1, &peers, dir.path());
         cfg.tick_interval = Duration::from_millis(250);
-        nodes.push(crate::support::cluster::start_node(cfg, l, Box::new(|_| {})).await);
+        nodes.push(crate::support::cluster::start_node(cfg, l, std::sync::Arc::new(|_| {})).await);
     }
     // Every node reports each payload it applies, with the node's index.
     let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<(usize, Vec<u8>)>();

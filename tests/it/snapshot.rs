@@ -7,7 +7,7 @@ use tokio::sync::mpsc;
 
 use crate::support::cluster::{Cluster, bind_peers, start_node, test_config};
 use crate::support::process::{NodeProcess, ProcessCluster};
-use crate::support::{free_port, init_tracing, metric, poll_until, put_range, wait_all_keys};
+use crate::support::{free_port, http, init_tracing, metric, poll_until, put_range, wait_all_keys};
 
 /// Port of Go's TestSnapshot: with a snapshot count of 4, committing one proposal makes node 1
 /// due for a snapshot, but it is not taken before the store signals that it applied the batch,
@@ -25,11 +25,11 @@ async fn snapshot_waits_for_apply_done() {
         cfg.snapshot_catchup_entries = 4;
         let tx = snapped_tx.clone();
         let get_snapshot: raftexample::raft_node::GetSnapshot = if i == 0 {
-            Box::new(move |_| {
+            std::sync::Arc::new(move |_| {
                 let _ = tx.send(());
             })
         } else {
-            Box::new(|_| {})
+            std::sync::Arc::new(|_| {})
         };
         nodes.push(start_node(cfg, l, get_snapshot).await);
     }
@@ -73,6 +73,142 @@ async fn snapshot_waits_for_apply_done() {
         .await
         .expect("snapshot taken after apply_done")
         .expect("channel open");
+    drop(ptx);
+    clus.close_no_errors().await;
+}
+
+/// The store is serialized on the snapshot thread. Meanwhile node 1's Ready loop goes on (a new
+/// proposal on node 1 commits on the other nodes), but no commit reaches node 1's store, which
+/// must stay at the snapshot's index; once serialized, the held commits arrive, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_wait_while_the_store_is_serialized_but_the_loop_goes_on() {
+    init_tracing();
+    let t = Duration::from_secs(30);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (listeners, peers) = bind_peers(3).await;
+    let (started_tx, mut started_rx) = mpsc::unbounded_channel();
+    // The snapshot thread of node 1 blocks until the test releases it (or fails: then the
+    // sender is dropped and `recv` returns).
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let mut blocking = Some((started_tx, std::sync::Mutex::new(release_rx)));
+    let mut nodes = Vec::new();
+    for (i, l) in listeners.into_iter().enumerate() {
+        let mut cfg = test_config(i as u64 + 1, &peers, dir.path());
+        cfg.snapshot_count = 4;
+        let get_snapshot: raftexample::raft_node::GetSnapshot = match blocking.take() {
+            Some((started, release)) if i == 0 => std::sync::Arc::new(move |_| {
+                let _ = started.send(());
+                if let Ok(rx) = release.lock() {
+                    let _ = rx.recv();
+                }
+            }),
+            other => {
+                blocking = other;
+                std::sync::Arc::new(|_| {})
+            }
+        };
+        nodes.push(start_node(cfg, l, get_snapshot).await);
+    }
+    let mut clus = Cluster { dir, peers, nodes };
+    // Nodes 2 and 3 apply everything and report what they applied.
+    let (seen_tx, mut seen_rx) = mpsc::unbounded_channel();
+    for n in &mut clus.nodes[1..] {
+        let mut rx = n.commit_rx.take().expect("commits");
+        let seen = seen_tx.clone();
+        tokio::spawn(async move {
+            while let Some(c) = rx.recv().await {
+                if let Commit::Entries {
+                    data, apply_done, ..
+                } = c
+                {
+                    for d in data {
+                        let _ = seen.send(d);
+                    }
+                    let _ = apply_done.send(());
+                }
+            }
+        });
+    }
+    let ptx = clus.nodes[0].propose_tx.clone().expect("proposer");
+    let crx = clus.nodes[0].commit_rx.as_mut().expect("commits");
+    let mut applied_on_1 = Vec::new();
+    let apply = |c: Commit, applied: &mut Vec<Vec<u8>>| {
+        if let Commit::Entries {
+            data, apply_done, ..
+        } = c
+        {
+            applied.extend(data.iter().map(|d| d.to_vec()));
+            let _ = apply_done.send(());
+        }
+    };
+
+    // Enough proposals to be due for a snapshot; apply on node 1 until the thread starts.
+    for i in 0..6 {
+        ptx.send(format!("v{i}").into_bytes())
+            .await
+            .expect("propose");
+    }
+    tokio::time::timeout(t, async {
+        loop {
+            tokio::select! {
+                c = crx.recv() => apply(c.expect("node 1 publishes commits"), &mut applied_on_1),
+                _ = started_rx.recv() => return,
+            }
+        }
+    })
+    .await
+    .expect("node 1 starts a snapshot within 30 s");
+
+    // The loop still proposes, and the cluster commits, while the store is being serialized.
+    ptx.send(b"late".to_vec()).await.expect("propose");
+    tokio::time::timeout(t, async {
+        while seen_rx.recv().await.expect("nodes 2 and 3 apply") != b"late"[..] {}
+    })
+    .await
+    .expect("a proposal made on node 1 during the serialization commits within 30 s");
+    // ... but node 1's store, being serialized, gets nothing, even once node 1's loop knows
+    // that "late" is committed (its `/status` is published after the turn's commits are).
+    let commit_of = |raft_url: String| async move {
+        let r = http("GET", &format!("{raft_url}/status"), b"").await.ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&r.body).ok()?;
+        v["commit"].as_u64()
+    };
+    let late_committed = poll_until(t, "the commit index of node 2 or 3", || async {
+        let (c2, c3) = (
+            commit_of(clus.peers[1].clone()).await,
+            commit_of(clus.peers[2].clone()).await,
+        );
+        c2.max(c3)
+    })
+    .await;
+    poll_until(t, "node 1 to learn the commit", || async {
+        commit_of(clus.peers[0].clone())
+            .await
+            .filter(|c| *c >= late_committed)
+    })
+    .await;
+    match crx.try_recv() {
+        Err(mpsc::error::TryRecvError::Empty) => {}
+        other => panic!("a commit reached node 1's store during its serialization: {other:?}"),
+    }
+
+    // Serialized: what was held arrives, in order.
+    release_tx.send(()).expect("the snapshot thread waits");
+    tokio::time::timeout(t, async {
+        while !applied_on_1.iter().any(|d| d == b"late") {
+            apply(crx.recv().await.expect("commits"), &mut applied_on_1);
+        }
+    })
+    .await
+    .expect("the held commits reach node 1 within 30 s of the release");
+    let want: Vec<Vec<u8>> = (0..6)
+        .map(|i| format!("v{i}").into_bytes())
+        .chain([b"late".to_vec()])
+        .collect();
+    assert_eq!(
+        applied_on_1, want,
+        "node 1 applied everything once, in order"
+    );
     drop(ptx);
     clus.close_no_errors().await;
 }

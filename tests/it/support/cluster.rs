@@ -87,7 +87,7 @@ impl Cluster {
         let mut nodes = Vec::new();
         for (i, l) in listeners.into_iter().enumerate() {
             let cfg = test_config(i as u64 + 1, &peers, dir.path());
-            nodes.push(start_node(cfg, l, Box::new(|_| {})).await);
+            nodes.push(start_node(cfg, l, std::sync::Arc::new(|_| {})).await);
         }
         Cluster { dir, peers, nodes }
     }
