@@ -354,27 +354,22 @@ impl RaftNode {
     /// old WAL segments go, raft may serve it, and the log is compacted. With `wait` false it
     /// returns at once if the file is not written yet.
     pub(super) async fn finish_snapshot(&mut self, wait: bool) -> Result<(), NodeError> {
+        // First the store's serialization, which the held commits wait for ...
+        if wait {
+            let serialized = self
+                .snapshot_in_flight
+                .as_mut()
+                .and_then(|s| s.serialized.take());
+            if let Some(rx) = serialized {
+                let _ = rx.await;
+            }
+        } else if self.serializing() {
+            return Ok(());
+        }
+        self.release_held_commits().await?;
         let Some(mut inflight) = self.snapshot_in_flight.take() else {
             return Ok(());
         };
-        // First the store's serialization, which commits wait for ...
-        if let Some(mut serialized) = inflight.serialized.take() {
-            let done = if wait {
-                let _ = (&mut serialized).await;
-                true
-            } else {
-                !matches!(
-                    serialized.try_recv(),
-                    Err(oneshot::error::TryRecvError::Empty)
-                )
-            };
-            if !done {
-                inflight.serialized = Some(serialized);
-                self.snapshot_in_flight = Some(inflight);
-                return Ok(());
-            }
-        }
-        self.release_held_commits().await?;
         // ... then the file.
         let result = if wait {
             (&mut inflight.written).await.ok()

@@ -226,9 +226,10 @@ impl RaftNode {
             }
             let room = self.proposer.len() < MAX_PENDING_PROPOSALS;
             let deadline = stopping.unwrap_or_else(tokio::time::Instant::now);
-            // Held proposals (`Proposer::hold`) go when their batch arrives or the hold ends.
+            // Commits held back during a snapshot's serialization go as soon as it is done.
             let serializing = self.serializing();
             let serialized_wake = std::sync::Arc::clone(&self.serialized_wake);
+            // Held proposals (`Proposer::hold`) go when their batch arrives or the hold ends.
             let release = self
                 .proposer
                 .has_unproposed()
