@@ -372,7 +372,7 @@ impl RaftNode {
         };
         // ... then the file.
         let result = if wait {
-            (&mut inflight.written).await.ok()
+            inflight.written.await.ok()
         } else {
             match inflight.written.try_recv() {
                 Err(oneshot::error::TryRecvError::Empty) => {

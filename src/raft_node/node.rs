@@ -233,7 +233,11 @@ impl RaftNode {
             let release = self
                 .proposer
                 .has_unproposed()
-                .then(|| self.proposer.hold_until(self.node.raft.raft_log.committed))
+                .then(|| {
+                    let committed = self.node.raft.raft_log.committed;
+                    self.proposer
+                        .hold_until(committed, std::time::Instant::now())
+                })
                 .flatten()
                 .map(tokio::time::Instant::from_std);
             tokio::select! {

@@ -157,18 +157,18 @@ impl Proposer {
     /// larger Readies and sends fewer, larger messages. An idle node proposes at once, and a
     /// plain PUT is answered before it is proposed, so holding costs it nothing.
     pub fn hold(&self, committed: u64) -> bool {
-        self.hold_until(committed).is_some()
+        self.hold_until(committed, Instant::now()).is_some()
     }
 
-    /// When the current hold (see [`Proposer::hold`]) ends at the latest, if there is one.
-    pub fn hold_until(&self, committed: u64) -> Option<Instant> {
+    /// If a hold (see [`Proposer::hold`]) is in force at `now`, when it ends at the latest.
+    pub fn hold_until(&self, committed: u64, now: Instant) -> Option<Instant> {
         let (batch, at) = self.in_flight?;
         let on_its_way = match batch {
             InFlight::Forwarded(seq) => seq > self.seen_in_log,
             InFlight::Appended(index) => index > committed,
         };
         let until = at + PROPOSAL_HOLD;
-        (on_its_way && Instant::now() < until).then_some(until)
+        (on_its_way && now < until).then_some(until)
     }
 
     /// Whether proposals are outstanding and nothing was applied for [`RETRY_AFTER`].
@@ -266,10 +266,9 @@ mod tests {
         assert!(!hold(&p));
         p.take_unproposed();
         p.mark_forwarded();
-        let until = p.hold_until(0).expect("held");
+        let until = p.hold_until(0, Instant::now()).expect("held");
         assert!(until <= Instant::now() + PROPOSAL_HOLD);
-        std::thread::sleep(PROPOSAL_HOLD + Duration::from_millis(1));
-        assert!(!hold(&p));
+        assert_eq!(p.hold_until(0, until), None, "held at most PROPOSAL_HOLD");
     }
 
     #[test]
@@ -285,8 +284,8 @@ mod tests {
         p.note_in_log(&p.unconfirmed[0].1.clone());
         assert!(p.hold(6));
         assert!(!p.hold(7), "committed: the next batch may go");
-        std::thread::sleep(PROPOSAL_HOLD + Duration::from_millis(1));
-        assert!(!p.hold(6), "held at most PROPOSAL_HOLD");
+        let later = Instant::now() + PROPOSAL_HOLD;
+        assert_eq!(p.hold_until(6, later), None, "held at most PROPOSAL_HOLD");
     }
 
     #[test]
