@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, watch};
 
 use std::time::Duration;
 
+use crate::http_server;
 use crate::kvstore::{KvStore, LinearizableError};
 use crate::ops::NodeStatus;
 
@@ -78,15 +79,15 @@ pub fn router(
     })
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves, then finishes in-flight requests.
+/// Serves `router` on `listener` within `limits` (see [`http_server`]) until `shutdown`
+/// resolves, then finishes in-flight requests.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
+    limits: http_server::Limits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+    http_server::serve(listener, router, limits, shutdown, http_server::no_tap).await
 }
 
 async fn serve_kv(State(api): State<Api>, req: Request) -> Response {

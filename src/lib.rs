@@ -33,6 +33,7 @@
 pub mod bench;
 pub mod cli;
 pub mod fileutil;
+pub mod http_server;
 pub mod httpapi;
 pub mod kvstore;
 pub mod metrics;

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use clap::Parser;
 use raftexample::cli::{Args, LogFormat};
-use raftexample::httpapi;
 use raftexample::kvstore::KvStore;
 use raftexample::raft_node::{self, NodeInputs};
+use raftexample::{http_server, httpapi};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -32,7 +32,18 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), String> {
-    let cfg = args.node_config()?;
+    // Every connection and every file needs a descriptor: take all the system allows, then
+    // cap each server's connections so the WAL and snapshots always get theirs.
+    let fd_limit = http_server::raise_fd_limit();
+    let (kv_limits, raft_limits) = http_server::Limits::for_fd_limit(fd_limit);
+    tracing::debug!(
+        fd_limit,
+        kv_connections = kv_limits.max_connections,
+        raft_connections = raft_limits.max_connections,
+        "connection caps"
+    );
+    let mut cfg = args.node_config()?;
+    cfg.raft_server_limits = raft_limits;
     let raft_addr = args.raft_listen_addr()?;
     let raft_listener = TcpListener::bind(&raft_addr).await.map_err(|e| {
         format!("cannot listen for raft peers on {raft_addr}: {e} (is another node running?)")
@@ -80,6 +91,7 @@ async fn run(args: Args) -> Result<(), String> {
     let mut http = tokio::spawn(httpapi::serve(
         kv_listener,
         httpapi::router(kvs, conf_change_tx, args.request_timeout, Some(status)),
+        kv_limits,
         http_stop.clone().cancelled_owned(),
     ));
     tracing::info!(port = args.port, raft = %raft_addr, "serving");

@@ -74,6 +74,8 @@ pub struct Config {
     pub snapshot_catchup_entries: u64,
     /// One raft tick; the election timeout is 10 ticks, the heartbeat 1 tick.
     pub tick_interval: Duration,
+    /// Connection cap and header timeout of the raft port's server.
+    pub raft_server_limits: crate::http_server::Limits,
 }
 
 impl Config {
@@ -87,6 +89,7 @@ impl Config {
             snapshot_count: DEFAULT_SNAPSHOT_COUNT,
             snapshot_catchup_entries: DEFAULT_SNAPSHOT_CATCHUP_ENTRIES,
             tick_interval: Duration::from_millis(100),
+            raft_server_limits: crate::http_server::Limits::default(),
         }
     }
 
@@ -344,6 +347,7 @@ pub async fn start(
         transport
             .handler()
             .merge(ops::router(status_rx.clone(), transport.clone())),
+        cfg.raft_server_limits,
         server_stop.clone().cancelled_owned(),
     );
     let id = cfg.id;

@@ -20,11 +20,12 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use protobuf::Message as _;
 use raft::eraftpb::Message;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::http_server::Limits;
 
 use super::msg_codec::MAX_FRAME_BYTES;
 use super::stream_writer::{OutgoingConn, StreamKind};
@@ -47,27 +48,27 @@ pub fn router(tr: Transport) -> Router {
         .with_state(tr)
 }
 
-/// Serves `router` on an already-bound listener until `shutdown` resolves, with
-/// TCP_NODELAY and a 3-minute TCP keep-alive on every connection (raftexample's
+/// Serves `router` on an already-bound listener within `limits` (see
+/// [`crate::http_server`]) until `shutdown` resolves, with TCP_NODELAY and a 3-minute TCP keep-alive on every connection (raftexample's
 /// `listener.go`). Open stream responses end when the transport stops, so the
 /// graceful shutdown does not wait on them.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
+    limits: Limits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::warn!(error = %e, "could not set TCP_NODELAY on raft connection");
-        }
-        let ka = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
-        if let Err(e) = socket2::SockRef::from(&*tcp).set_tcp_keepalive(&ka) {
-            tracing::warn!(error = %e, "could not set TCP keep-alive on raft connection");
-        }
-    });
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+    crate::http_server::serve(listener, router, limits, shutdown, tune_socket).await
+}
+
+fn tune_socket(tcp: &TcpStream) {
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::warn!(error = %e, "could not set TCP_NODELAY on raft connection");
+    }
+    let ka = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka) {
+        tracing::warn!(error = %e, "could not set TCP keep-alive on raft connection");
+    }
 }
 
 /// A plain-text error as Go's `http.Error` writes it.

@@ -141,7 +141,9 @@ pub fn new_client() -> HttpClient {
     conn.set_connect_timeout(Some(DIAL_TIMEOUT));
     conn.set_keepalive(Some(TCP_KEEPALIVE));
     Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
+        // Below the server's idle limit (`http_server::HEADER_READ_TIMEOUT`, 30 s), so this
+        // side drops an idle connection before the peer closes it under a new request.
+        .pool_idle_timeout(Duration::from_secs(20))
         .build(conn)
 }
 

@@ -170,7 +170,12 @@ async fn pair() -> (Transport, Transport, Arc<Counter>, Arc<Counter>) {
             .await
             .expect("bind loopback");
         urls.push(format!("http://{}", l.local_addr().expect("local addr")));
-        tokio::spawn(serve(l, t.handler(), std::future::pending()));
+        tokio::spawn(serve(
+            l,
+            t.handler(),
+            raftexample::http_server::Limits::default(),
+            std::future::pending(),
+        ));
     }
     a.add_peer(2, &urls[1..]);
     b.add_peer(1, &urls[..1]);

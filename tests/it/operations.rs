@@ -268,3 +268,86 @@ async fn every_flag_is_honoured() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("request-timeout"));
 }
+
+/// One request on an open connection, written and read by hand so that it is sure to use
+/// that connection; the status code.
+async fn request_on(c: &mut tokio::net::TcpStream, method: &str, path: &str, body: &[u8]) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    c.write_all(head.as_bytes()).await.expect("write");
+    c.write_all(body).await.expect("write");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    // Only bodiless answers are expected here (204, or an error with Content-Length: 0 is
+    // not), so the response ends with its header.
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(T, c.read(&mut buf))
+            .await
+            .expect("answered in time")
+            .expect("read");
+        assert!(
+            n > 0,
+            "connection closed: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    let status = String::from_utf8_lossy(&got[..12.min(got.len())]).into_owned();
+    status
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not a response: {status:?}"))
+}
+
+/// Hundreds of idle connections (no request, nothing to authenticate) used to take every file
+/// descriptor the node had; its next snapshot failed with "Too many open files" and the node
+/// stopped. Now each server caps its connections below the limit: the node goes on writing
+/// snapshots, and the waiting clients are served once the flood goes away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_idle_connections_does_not_stop_the_node() {
+    // The flood needs descriptors in this process too.
+    raftexample::http_server::raise_fd_limit();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let raft = format!("http://127.0.0.1:{}", free_port());
+    let mut n = NodeProcess::spawn_with_fd_limit(
+        1,
+        &raft,
+        free_port(),
+        dir.path(),
+        &["--snapshot-count", "20", "--snapshot-catchup-entries", "5"],
+        128,
+    );
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], n.kv_port));
+    let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    assert_eq!(request_on(&mut client, "PUT", "/before", b"v").await, 204);
+
+    // More than the 128 descriptors the node has; those beyond its cap wait in the accept
+    // queue (128 long at least), so none of these connects blocks.
+    let mut flood = Vec::new();
+    for _ in 0..120 {
+        flood.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+    }
+    for i in 0..100 {
+        let key = format!("/k-{i}");
+        assert_eq!(
+            request_on(&mut client, "PUT", &key, b"v").await,
+            204,
+            "{key}"
+        );
+    }
+    poll_until(T, "snapshots taken during the flood", || async {
+        let s = status(&raft).await?;
+        (s.get("snapshot_index")?.as_u64()? >= 80).then_some(())
+    })
+    .await;
+    assert!(n.is_running(), "node stopped:\n{}", n.logs());
+    assert_eq!(request_on(&mut client, "GET", "/nope", b"").await, 404);
+
+    drop(flood);
+    let r = http("GET", &n.url("/k-99"), b"").await.expect("GET");
+    assert_eq!((r.status, &r.body[..]), (200, &b"v"[..]));
+    assert!(!n.logs().contains("Too many open files"), "{}", n.logs());
+}

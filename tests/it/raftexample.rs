@@ -136,6 +136,7 @@ async fn put_and_get_key_value() {
     tokio::spawn(httpapi::serve(
         kv_listener,
         httpapi::router(kvs, ctx, Duration::from_secs(5), Some(node.status.clone())),
+        raftexample::http_server::Limits::default(),
         std::future::pending(),
     ));
 

@@ -98,9 +98,14 @@ impl Node {
             },
         ));
         let (stx, srx) = oneshot::channel::<()>();
-        let server = tokio::spawn(serve(listener, router, async move {
-            let _ = srx.await;
-        }));
+        let server = tokio::spawn(serve(
+            listener,
+            router,
+            raftexample::http_server::Limits::default(),
+            async move {
+                let _ = srx.await;
+            },
+        ));
         Node {
             url: format!("http://{addr}"),
             addr,

@@ -19,11 +19,25 @@ pub struct NodeProcess {
     dir: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+    /// Run under `ulimit -n` (soft and hard) of this many descriptors.
+    fd_limit: Option<u64>,
 }
 
 impl NodeProcess {
     /// Starts `raftexample --id <id> --cluster <cluster> --port <kv_port> [extra...]` in `dir`.
     pub fn spawn(id: u64, cluster: &str, kv_port: u16, dir: &Path, extra: &[&str]) -> NodeProcess {
+        let mut n = NodeProcess::spawn_stopped(id, cluster, kv_port, dir, extra);
+        n.start();
+        n
+    }
+
+    fn spawn_stopped(
+        id: u64,
+        cluster: &str,
+        kv_port: u16,
+        dir: &Path,
+        extra: &[&str],
+    ) -> NodeProcess {
         let mut args: Vec<String> = vec![
             "--id".into(),
             id.to_string(),
@@ -33,14 +47,29 @@ impl NodeProcess {
             kv_port.to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut n = NodeProcess {
+        NodeProcess {
             id,
             kv_port,
             args,
             dir: dir.to_path_buf(),
             log: dir.join(format!("node-{id}.log")),
             child: None,
-        };
+            fd_limit: None,
+        }
+    }
+
+    /// As [`NodeProcess::spawn`], allowed at most `fd_limit` open descriptors (through the
+    /// shell's `ulimit -n`, so the node cannot raise it).
+    pub fn spawn_with_fd_limit(
+        id: u64,
+        cluster: &str,
+        kv_port: u16,
+        dir: &Path,
+        extra: &[&str],
+        fd_limit: u64,
+    ) -> NodeProcess {
+        let mut n = NodeProcess::spawn_stopped(id, cluster, kv_port, dir, extra);
+        n.fd_limit = Some(fd_limit);
         n.start();
         n
     }
@@ -53,7 +82,17 @@ impl NodeProcess {
             .append(true)
             .open(&self.log)
             .expect("open log file");
-        let mut child = Command::new(BIN)
+        let mut cmd = match self.fd_limit {
+            None => Command::new(BIN),
+            Some(n) => {
+                let mut c = Command::new("bash");
+                c.arg("-c")
+                    .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
+                    .arg(BIN);
+                c
+            }
+        };
+        let mut child = cmd
             .args(&self.args)
             .current_dir(&self.dir)
             .env(
