@@ -15,33 +15,48 @@
 //!   refused;
 //! - a connection that does not send a whole request header within
 //!   [`Limits::header_read_timeout`] is closed, which also ends idle keep-alive connections
-//!   after that long. A request whose header has arrived is not limited: raft's stream
-//!   responses and large snapshot bodies take as long as they take.
+//!   after that long;
+//! - a request body that stops arriving for that long fails ([`BodyStalled`]): the handler
+//!   answers an error and the connection closes. A body that keeps coming is not limited in
+//!   time (a large snapshot on a slow link), and neither are responses (raft's streams).
+//!
+//! Go peers keep idle connections to us open with no time limit; when we close one after
+//! 30 s, a pipeline message sent at that very moment fails once and raft sends it again.
 
 use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
+use axum::body::Body;
+use bytes::Bytes;
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tower::ServiceExt as _;
 
 /// Descriptors each server leaves to the rest of the node when sizing its connection cap:
 /// WAL segments, snapshot files, directories, the runtime's own, and outgoing peer
 /// connections.
 const RESERVED_FDS: u64 = 256;
 
+/// The most connections a server holds, whatever the descriptor limit.
+const MAX_CONNECTIONS: usize = 1 << 20;
+
 /// How long a client has to send a request header (and how long a keep-alive connection may
 /// sit idle). Generous: a slow client on a bad link still gets through.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How long to pause accepting after an error such as "too many open files", so the loop does
-/// not spin while descriptors are short.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+/// Pauses after an accept error such as "too many open files", so the loop does not spin
+/// while descriptors are short: from the first, doubling up to the last (Go's `net/http`).
+const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(5), Duration::from_secs(1));
 
 /// What one server allows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,7 +68,8 @@ pub struct Limits {
 }
 
 impl Default for Limits {
-    /// The caps for a process allowed 1024 descriptors, the common default soft limit.
+    /// The raft port's limits in a process allowed 1024 descriptors, the common default soft
+    /// limit.
     fn default() -> Limits {
         Limits::for_fd_limit(1024).1
     }
@@ -62,14 +78,18 @@ impl Default for Limits {
 impl Limits {
     /// The (client API, raft port) limits for a process allowed `fd_limit` descriptors: a
     /// reserve for the node's own files, then a quarter of the rest for peers (a handful of
-    /// connections per peer) and three quarters for clients.
+    /// connections per peer) and three quarters for clients. Below about 160 descriptors the
+    /// floor of 16 connections per port eats into the reserve: run a node with more.
     pub fn for_fd_limit(fd_limit: u64) -> (Limits, Limits) {
         let reserve = (fd_limit / 4).clamp(64, RESERVED_FDS);
         let budget = fd_limit.saturating_sub(reserve);
         let raft = (budget / 4).max(16);
         let kv = budget.saturating_sub(raft).max(16);
         let limits = |n: u64| Limits {
-            max_connections: usize::try_from(n).unwrap_or(usize::MAX),
+            // An unlimited process still gets a finite cap (and one a semaphore can hold).
+            max_connections: usize::try_from(n)
+                .unwrap_or(usize::MAX)
+                .min(MAX_CONNECTIONS),
             header_read_timeout: HEADER_READ_TIMEOUT,
         };
         (limits(kv), limits(raft))
@@ -111,32 +131,46 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
     tap: fn(&TcpStream),
 ) -> std::io::Result<()> {
-    let slots = std::sync::Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let slots = std::sync::Arc::new(Semaphore::new(
+        limits.max_connections.clamp(1, MAX_CONNECTIONS),
+    ));
     let closing = CancellationToken::new();
     let connections = TaskTracker::new();
     tokio::pin!(shutdown);
+    let mut backoff = ACCEPT_BACKOFF.0;
     loop {
         // A free slot first, then a connection: at the cap, clients wait in the accept queue.
         let slot = tokio::select! {
+            biased;
             () = &mut shutdown => break,
             slot = std::sync::Arc::clone(&slots).acquire_owned() => {
                 slot.expect("invariant: the semaphore is never closed")
             }
         };
         let tcp = tokio::select! {
+            biased;
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
+                Ok((tcp, _)) => {
+                    backoff = ACCEPT_BACKOFF.0;
+                    tcp
+                }
                 Err(e) if is_connection_error(&e) => continue,
                 Err(e) => {
-                    tracing::error!(error = %e, "accept failed; retrying shortly");
-                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    tracing::error!(error = %e, retry_in = ?backoff, "accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF.1);
                     continue;
                 }
             },
         };
         tap(&tcp);
-        let service = TowerToHyperService::new(router.clone());
+        let idle = limits.header_read_timeout;
+        let service = TowerToHyperService::new(router.clone().map_request(
+            move |req: hyper::Request<Incoming>| {
+                req.map(|body| Body::new(StallGuard::new(body, idle)))
+            },
+        ));
         let closing = closing.clone();
         connections.spawn(async move {
             let _slot = slot;
@@ -158,6 +192,8 @@ pub async fn serve(
             }
         });
     }
+    // Refuse new connections from here on, instead of leaving them in the queue unserved.
+    drop(listener);
     closing.cancel();
     connections.close();
     connections.wait().await;
@@ -175,6 +211,81 @@ fn is_connection_error(e: &std::io::Error) -> bool {
 
 /// `tap` for servers that need no socket options.
 pub fn no_tap(_: &TcpStream) {}
+
+/// A request body stopped arriving: no data for [`Limits::header_read_timeout`] while the
+/// handler was waiting for it.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body stopped arriving for {0:?}")]
+pub struct BodyStalled(pub Duration);
+
+impl BodyStalled {
+    /// Whether `e`, or an error in its source chain, is a stalled body (handlers answer 408).
+    pub fn is_cause_of(e: &(dyn std::error::Error + 'static)) -> bool {
+        let mut cur = Some(e);
+        while let Some(err) = cur {
+            if err.is::<BodyStalled>() {
+                return true;
+            }
+            cur = err.source();
+        }
+        false
+    }
+}
+
+/// A request body that fails with [`BodyStalled`] once the handler has waited `idle` for the
+/// next piece. The clock runs only while the handler waits: a handler busy between two reads
+/// (writing a snapshot chunk to disk) does not use up the client's time.
+struct StallGuard {
+    inner: Incoming,
+    idle: Duration,
+    waiting: Option<Pin<Box<Sleep>>>,
+}
+
+impl StallGuard {
+    fn new(inner: Incoming, idle: Duration) -> StallGuard {
+        StallGuard {
+            inner,
+            idle,
+            waiting: None,
+        }
+    }
+}
+
+impl hyper::body::Body for StallGuard {
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                this.waiting = None;
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                let idle = this.idle;
+                let timer = this
+                    .waiting
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(BodyStalled(idle).into()))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -343,8 +454,102 @@ mod tests {
             .expect("no error");
     }
 
+    /// Answers 200 with the body's length, or 408 if it stalled.
+    fn echo_len() -> Router {
+        Router::new().route(
+            "/",
+            axum::routing::put(|body: Body| async move {
+                match axum::body::to_bytes(body, usize::MAX).await {
+                    Ok(b) => (axum::http::StatusCode::OK, format!("len {}", b.len())),
+                    Err(e) if BodyStalled::is_cause_of(&e) => {
+                        (axum::http::StatusCode::REQUEST_TIMEOUT, "stalled".into())
+                    }
+                    Err(e) => (axum::http::StatusCode::BAD_REQUEST, e.to_string()),
+                }
+            }),
+        )
+    }
+
+    /// Reads until the connection closes (or fails); what arrived.
+    async fn read_to_close(c: &mut TcpStream) -> String {
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(DEADLINE, c.read_to_end(&mut got))
+            .await
+            .expect("the server closes the connection");
+        String::from_utf8_lossy(&got).into_owned()
+    }
+
+    #[tokio::test]
+    async fn a_body_that_stops_arriving_is_408_and_the_connection_closes() {
+        let limits = Limits {
+            max_connections: 4,
+            header_read_timeout: Duration::from_millis(200),
+        };
+        let (addr, _stop) = start(echo_len(), limits).await;
+        let mut c = TcpStream::connect(addr).await.expect("connect");
+        c.write_all(b"PUT / HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc")
+            .await
+            .expect("write");
+        let resp = read_to_close(&mut c).await;
+        assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
+    }
+
+    #[tokio::test]
+    async fn a_body_that_keeps_coming_is_not_cut_off() {
+        let limits = Limits {
+            max_connections: 4,
+            header_read_timeout: Duration::from_millis(300),
+        };
+        let (addr, _stop) = start(echo_len(), limits).await;
+        let mut c = TcpStream::connect(addr).await.expect("connect");
+        c.write_all(b"PUT / HTTP/1.1\r\nHost: t\r\nContent-Length: 8\r\n\r\n")
+            .await
+            .expect("write");
+        // Eight pieces 100 ms apart: the whole body takes well over the 300 ms limit, but it
+        // never pauses that long. (The pacing is the load under test, not a wait for a state.)
+        for _ in 0..8 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            c.write_all(b"x").await.expect("write");
+        }
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        while !got.ends_with(b"len 8") {
+            let n = tokio::time::timeout(DEADLINE, c.read(&mut buf))
+                .await
+                .expect("answered")
+                .expect("read");
+            assert!(n > 0, "closed: {:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(got.starts_with(b"HTTP/1.1 200"));
+    }
+
+    #[tokio::test]
+    async fn an_idle_keep_alive_connection_is_closed_after_the_timeout() {
+        let limits = Limits {
+            max_connections: 4,
+            header_read_timeout: Duration::from_millis(200),
+        };
+        let (addr, _stop) = start(hello(), limits).await;
+        let mut c = TcpStream::connect(addr).await.expect("connect");
+        c.write_all(GET).await.expect("write");
+        tokio::time::timeout(DEADLINE, read_response(&mut c))
+            .await
+            .expect("answered");
+        assert_eq!(
+            read_to_close(&mut c).await,
+            "",
+            "closed without another answer"
+        );
+    }
+
     #[test]
     fn the_caps_leave_descriptors_for_the_node() {
+        let (kv, raft) = Limits::for_fd_limit(u64::MAX);
+        assert_eq!(
+            (kv.max_connections, raft.max_connections),
+            (MAX_CONNECTIONS, MAX_CONNECTIONS)
+        );
         for fd_limit in [160, 1024, 20_000, 1 << 20] {
             let (kv, raft) = Limits::for_fd_limit(fd_limit);
             let used = (kv.max_connections + raft.max_connections) as u64;
@@ -358,7 +563,10 @@ mod tests {
         use rustix::process::{Resource, getrlimit};
         let now = raise_fd_limit();
         let lim = getrlimit(Resource::Nofile);
-        assert_eq!(lim.current, lim.maximum);
+        // `None` is unlimited; an unlimited hard limit (not on Linux) is left alone.
+        if lim.maximum.is_some() {
+            assert_eq!(lim.current, lim.maximum);
+        }
         assert_eq!(lim.current.unwrap_or(u64::MAX), now);
     }
 }

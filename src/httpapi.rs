@@ -207,6 +207,11 @@ async fn read_body(body: Body) -> Result<bytes::Bytes, ApiError> {
                     StatusCode::PAYLOAD_TOO_LARGE,
                     format!("request body larger than {MAX_BODY_BYTES} bytes"),
                 )
+            } else if http_server::BodyStalled::is_cause_of(&e) {
+                ApiError(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!("{e}; send the whole body without pausing"),
+                )
             } else {
                 ApiError(
                     StatusCode::BAD_REQUEST,

@@ -49,9 +49,10 @@ pub fn router(tr: Transport) -> Router {
 }
 
 /// Serves `router` on an already-bound listener within `limits` (see
-/// [`crate::http_server`]) until `shutdown` resolves, with TCP_NODELAY and a 3-minute TCP keep-alive on every connection (raftexample's
-/// `listener.go`). Open stream responses end when the transport stops, so the
-/// graceful shutdown does not wait on them.
+/// [`crate::http_server`]) until `shutdown` resolves, with TCP_NODELAY and a
+/// 3-minute TCP keep-alive on every connection (raftexample's `listener.go`).
+/// Open stream responses end when the transport stops, so the graceful shutdown
+/// does not wait on them.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
@@ -126,6 +127,10 @@ pub async fn read_body(
     match Limited::new(body, limit).collect().await {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+        Err(e) if crate::http_server::BodyStalled::is_cause_of(&*e) => Err(http_error(
+            StatusCode::REQUEST_TIMEOUT,
+            "raft message body stopped arriving",
+        )),
         Err(_) => Err(http_error(
             StatusCode::BAD_REQUEST,
             "error reading raft message",
