@@ -308,16 +308,26 @@ mod tests {
         (addr, stop_tx)
     }
 
+    fn caps(max_connections: usize, header_read_timeout_ms: u64) -> Limits {
+        Limits {
+            max_connections,
+            header_read_timeout: Duration::from_millis(header_read_timeout_ms),
+        }
+    }
+
     fn hello() -> Router {
         Router::new().route("/", get(|| async { "hello" }))
     }
 
-    /// Reads until a whole `hello` response has arrived.
-    async fn read_response(c: &mut TcpStream) -> String {
+    /// Reads until what arrived ends with `end` (a response body), within the deadline.
+    async fn read_until(c: &mut TcpStream, end: &[u8]) -> String {
         let mut got = Vec::new();
         let mut buf = [0u8; 1024];
-        while !got.ends_with(b"hello") {
-            let n = c.read(&mut buf).await.expect("read");
+        while !got.ends_with(end) {
+            let n = tokio::time::timeout(DEADLINE, c.read(&mut buf))
+                .await
+                .expect("answered in time")
+                .expect("read");
             assert!(
                 n > 0,
                 "connection closed after {:?}",
@@ -330,50 +340,30 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_that_never_finishes_its_header_is_disconnected() {
-        let limits = Limits {
-            max_connections: 4,
-            header_read_timeout: Duration::from_millis(200),
-        };
+        let limits = caps(4, 200);
         let (addr, _stop) = start(hello(), limits).await;
         let mut slow = TcpStream::connect(addr).await.expect("connect");
         slow.write_all(b"GET / HTTP/1.1\r\nHost: te")
             .await
             .expect("write");
-        let mut buf = [0u8; 256];
-        let ended = tokio::time::timeout(DEADLINE, async {
-            loop {
-                match slow.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {} // an error response, then the close
-                }
-            }
-        })
-        .await;
-        assert!(ended.is_ok(), "the slow connection is still open");
+        read_to_close(&mut slow).await;
 
         // A client that sends its request promptly is served.
         let mut c = TcpStream::connect(addr).await.expect("connect");
         c.write_all(GET).await.expect("write");
-        let resp = tokio::time::timeout(DEADLINE, read_response(&mut c))
-            .await
-            .expect("answered");
+        let resp = read_until(&mut c, b"hello").await;
         assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     }
 
     #[tokio::test]
     async fn at_the_cap_a_new_connection_waits_until_one_closes() {
-        let limits = Limits {
-            max_connections: 2,
-            header_read_timeout: Duration::from_secs(60),
-        };
+        let limits = caps(2, 60000);
         let (addr, _stop) = start(hello(), limits).await;
         let mut held = Vec::new();
         for _ in 0..2 {
             let mut c = TcpStream::connect(addr).await.expect("connect");
             c.write_all(GET).await.expect("write");
-            tokio::time::timeout(DEADLINE, read_response(&mut c))
-                .await
-                .expect("answered");
+            read_until(&mut c, b"hello").await;
             held.push(c); // keep-alive: the connection stays open and holds its slot
         }
         // The third is queued by the kernel, not refused, and not served while both are open.
@@ -384,9 +374,7 @@ mod tests {
         assert!(early.is_err(), "served beyond the cap: {early:?}");
 
         drop(held.remove(0));
-        let resp = tokio::time::timeout(DEADLINE, read_response(&mut third))
-            .await
-            .expect("served once a slot is free");
+        let resp = read_until(&mut third, b"hello").await;
         assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     }
 
@@ -443,9 +431,7 @@ mod tests {
         assert!(!server.is_finished(), "returned with a request in flight");
         // ...but the one in flight gets its answer, and then the server returns.
         release_tx.send(()).expect("handler waiting");
-        let resp = tokio::time::timeout(DEADLINE, read_response(&mut c))
-            .await
-            .expect("answered");
+        let resp = read_until(&mut c, b"hello").await;
         assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
         tokio::time::timeout(DEADLINE, server)
             .await
@@ -481,10 +467,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_that_stops_arriving_is_408_and_the_connection_closes() {
-        let limits = Limits {
-            max_connections: 4,
-            header_read_timeout: Duration::from_millis(200),
-        };
+        let limits = caps(4, 200);
         let (addr, _stop) = start(echo_len(), limits).await;
         let mut c = TcpStream::connect(addr).await.expect("connect");
         c.write_all(b"PUT / HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc")
@@ -496,10 +479,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_that_keeps_coming_is_not_cut_off() {
-        let limits = Limits {
-            max_connections: 4,
-            header_read_timeout: Duration::from_millis(300),
-        };
+        let limits = caps(4, 300);
         let (addr, _stop) = start(echo_len(), limits).await;
         let mut c = TcpStream::connect(addr).await.expect("connect");
         c.write_all(b"PUT / HTTP/1.1\r\nHost: t\r\nContent-Length: 8\r\n\r\n")
@@ -511,31 +491,17 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
             c.write_all(b"x").await.expect("write");
         }
-        let mut got = Vec::new();
-        let mut buf = [0u8; 256];
-        while !got.ends_with(b"len 8") {
-            let n = tokio::time::timeout(DEADLINE, c.read(&mut buf))
-                .await
-                .expect("answered")
-                .expect("read");
-            assert!(n > 0, "closed: {:?}", String::from_utf8_lossy(&got));
-            got.extend_from_slice(&buf[..n]);
-        }
-        assert!(got.starts_with(b"HTTP/1.1 200"));
+        let resp = read_until(&mut c, b"len 8").await;
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     }
 
     #[tokio::test]
     async fn an_idle_keep_alive_connection_is_closed_after_the_timeout() {
-        let limits = Limits {
-            max_connections: 4,
-            header_read_timeout: Duration::from_millis(200),
-        };
+        let limits = caps(4, 200);
         let (addr, _stop) = start(hello(), limits).await;
         let mut c = TcpStream::connect(addr).await.expect("connect");
         c.write_all(GET).await.expect("write");
-        tokio::time::timeout(DEADLINE, read_response(&mut c))
-            .await
-            .expect("answered");
+        read_until(&mut c, b"hello").await;
         assert_eq!(
             read_to_close(&mut c).await,
             "",
