@@ -97,8 +97,8 @@ impl Limits {
 }
 
 /// Raises the soft limit on open descriptors to the hard limit and returns the limit now in
-/// force (the hard limit is the most an unprivileged process may ask for). If the limit
-/// cannot be read, assumes 1024.
+/// force (the hard limit is the most an unprivileged process may ask for); `u64::MAX` when
+/// unlimited.
 pub fn raise_fd_limit() -> u64 {
     use rustix::process::{Resource, getrlimit, setrlimit};
     let mut lim = getrlimit(Resource::Nofile);

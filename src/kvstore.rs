@@ -256,18 +256,19 @@ impl KvStore {
         Ok(())
     }
 
-    /// The whole map, serialized for a raft snapshot (Go: `getSnapshot`, JSON there).
-    ///
-    /// Runs on the snapshot writer thread every `snapshot_count` entries (holding the read
-    /// lock, so GETs go on) and walks every key, so it serializes straight from the map: no intermediate map of borrowed pairs (which cost a
-    /// hash per key), and bincode sizes the output exactly before writing it.
+    /// The whole map, serialized for a raft snapshot (Go: `getSnapshot`, JSON there); see
+    /// [`KvStore::write_snapshot`].
     pub fn get_snapshot(&self) -> Vec<u8> {
         let mut out = Vec::new();
         self.write_snapshot(&mut out);
         out
     }
 
-    /// [`KvStore::get_snapshot`], appended to `out` (the raft node's [`GetSnapshot`]).
+    /// [`KvStore::get_snapshot`], appended to `out`: the raft node's [`GetSnapshot`].
+    ///
+    /// Runs on the snapshot writer thread every `snapshot_count` entries, holding the read
+    /// lock (GETs go on), and serializes straight from the map: no intermediate map of
+    /// borrowed pairs, which cost a hash per key.
     ///
     /// [`GetSnapshot`]: crate::raft_node::GetSnapshot
     pub fn write_snapshot(&self, out: &mut Vec<u8>) {
