@@ -39,7 +39,7 @@ pub(super) fn open_or_bootstrap(
 ) -> Result<Replayed, NodeError> {
     create_private_dir(&cfg.snap_dir())?;
     let wal_dir = cfg.wal_dir();
-    if !Wal::exist(&wal_dir) {
+    if !Wal::exist(&wal_dir)? {
         let mut wal = Wal::create(&wal_dir, &[])?;
         let storage = RaftStorage::new();
         if !cfg.join {

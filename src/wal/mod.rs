@@ -155,8 +155,9 @@ pub struct Wal {
     broken: bool,
 }
 
-/// `Exist`: whether `dir` holds a WAL (at least one segment file).
-pub fn exist(dir: &Path) -> bool {
+/// `Exist`: whether `dir` holds a WAL (at least one segment file); an error if `dir` exists
+/// but cannot be read.
+pub fn exist(dir: &Path) -> Result<bool, WalError> {
     util::exist(dir)
 }
 
@@ -186,8 +187,8 @@ fn lock_segments(dir: &Path, names: &[SegmentName]) -> Result<Vec<Segment>, WalE
 }
 
 impl Wal {
-    /// `Exist`: whether `dir` holds a WAL.
-    pub fn exist(dir: &Path) -> bool {
+    /// `Exist`: whether `dir` holds a WAL; an error if `dir` exists but cannot be read.
+    pub fn exist(dir: &Path) -> Result<bool, WalError> {
         exist(dir)
     }
 
@@ -202,7 +203,7 @@ impl Wal {
     /// (as etcd does). The log is built in `<dir>.tmp`, synced, and renamed into place, so a
     /// crash leaves either no WAL or a complete one.
     pub fn create_with(dir: &Path, metadata: &[u8], opts: WalOptions) -> Result<Wal, WalError> {
-        if exist(dir) {
+        if exist(dir)? {
             return Err(WalError::AlreadyExists { dir: dir.into() });
         }
         let mut tmp = dir.as_os_str().to_owned();

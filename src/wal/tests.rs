@@ -103,12 +103,25 @@ fn golden_bytes_match_etcd() {
 }
 
 #[test]
+fn a_wal_path_that_cannot_be_read_is_an_error_not_an_empty_wal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("wal");
+    std::fs::write(&path, b"not a directory").unwrap();
+    let err = Wal::exist(&path).expect_err("unreadable");
+    assert!(err.to_string().contains(&*path.to_string_lossy()), "{err}");
+    assert!(Wal::create_with(&path, b"", opts(8192)).is_err());
+    // Nothing was replaced or left behind.
+    assert_eq!(std::fs::read(&path).unwrap(), b"not a directory");
+    assert!(!tmp.path().join("wal.tmp").exists());
+}
+
+#[test]
 fn create_layout_and_refusals() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("a/wal");
-    assert!(!Wal::exist(&dir));
+    assert!(!Wal::exist(&dir).unwrap());
     let w = Wal::create_with(&dir, b"meta", opts(8192)).unwrap();
-    assert!(Wal::exist(&dir));
+    assert!(Wal::exist(&dir).unwrap());
     assert!(!tmp.path().join("a/wal.tmp").exists());
     assert!(matches!(
         Wal::create_with(&dir, b"meta", opts(8192)),

@@ -62,9 +62,15 @@ pub fn read_wal_names(dir: &Path) -> Result<Vec<SegmentName>, WalError> {
     Ok(names)
 }
 
-/// `Exist`: whether `dir` holds at least one segment file.
-pub fn exist(dir: &Path) -> bool {
-    read_wal_names(dir).is_ok_and(|n| !n.is_empty())
+/// `Exist`: whether `dir` holds at least one segment file. Unlike etcd's, a directory that
+/// cannot be read is an error, not "no WAL": taking it for empty would create a new log over
+/// one that might hold data (and delete it, if the directory could be removed).
+pub fn exist(dir: &Path) -> Result<bool, WalError> {
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(WalError::io("inspect", dir)(e)),
+        Ok(_) => Ok(!read_wal_names(dir)?.is_empty()),
+    }
 }
 
 /// `searchIndex`: position of the last segment whose first index is `<= index`.

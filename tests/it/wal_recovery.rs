@@ -42,7 +42,7 @@ fn writer_child() {
         return;
     };
     let dir = Path::new(&dir);
-    let (mut w, mut last) = if Wal::exist(dir) {
+    let (mut w, mut last) = if Wal::exist(dir).unwrap() {
         let mut w = Wal::open_with(dir, &WalSnapshot::default(), opts()).unwrap();
         let (_, _, ents) = w.read_all().unwrap();
         let last = ents.last().map_or(0, |e| e.index);
