@@ -2,7 +2,9 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, ValueEnum};
+use std::ffi::OsString;
+
+use clap::{ArgAction, CommandFactory, Parser, ValueEnum};
 
 use crate::raft_node::{self, Config};
 
@@ -23,7 +25,8 @@ pub struct Args {
     #[arg(long, default_value_t = 9121)]
     pub port: u16,
     /// Join an existing cluster (add this node first with `POST /<id>` on a member).
-    #[arg(long)]
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          action = ArgAction::Set, value_parser = parse_go_bool, default_value = "false")]
     pub join: bool,
     /// Directory holding raftexample-<id> and raftexample-<id>-snap (created if missing).
     #[arg(long, default_value = ".")]
@@ -53,6 +56,13 @@ pub enum LogFormat {
 }
 
 impl Args {
+    /// Parses the flags as Go's `flag` package would accept them, too: `-id 1` as well as
+    /// `--id 1`, `-join=true`, so that the Go original's command lines (and Procfiles) work
+    /// unchanged. Exits with clap's message on a bad flag, as `Args::parse` does.
+    pub fn parse_go_style() -> Args {
+        Args::parse_from(go_style(std::env::args_os()))
+    }
+
     /// The peer URLs of --cluster, checked.
     pub fn peers(&self) -> Result<Vec<String>, String> {
         let peers: Vec<String> = self
@@ -91,6 +101,43 @@ impl Args {
                 )
             })?;
         host_port(url)
+    }
+}
+
+/// Rewrites Go's single-dash long flags (`-cluster`, `-id=2`) to clap's `--cluster`,
+/// `--id=2`. Only names of our own long flags are touched, and nothing after a bare `--`.
+fn go_style(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    let cmd = Args::command();
+    let known = |name: &str| {
+        name == "help"
+            || name == "version"
+            || cmd.get_arguments().any(|a| a.get_long() == Some(name))
+    };
+    let mut out = Vec::new();
+    let mut flags_done = false;
+    for arg in args {
+        let rewritten = match arg.to_str() {
+            Some("--") => {
+                flags_done = true;
+                None
+            }
+            Some(s) if !flags_done && s.len() > 2 && s.starts_with('-') && !s.starts_with("--") => {
+                let name = s[1..].split('=').next().unwrap_or_default();
+                known(name).then(|| OsString::from(format!("-{s}")))
+            }
+            _ => None,
+        };
+        out.push(rewritten.unwrap_or(arg));
+    }
+    out
+}
+
+/// Parses a boolean as Go's `strconv.ParseBool` does (`-join=true`, `-join=0`, ...).
+fn parse_go_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
+        _ => Err(format!("{s:?} is not a boolean; write true or false")),
     }
 }
 
@@ -144,8 +191,38 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Args {
-        Args::try_parse_from(std::iter::once("raftexample").chain(args.iter().copied()))
-            .expect("valid flags")
+        try_parse(args).expect("valid flags")
+    }
+
+    fn try_parse(args: &[&str]) -> Result<Args, clap::Error> {
+        let argv = std::iter::once("raftexample").chain(args.iter().copied());
+        Args::try_parse_from(go_style(argv.map(OsString::from)))
+    }
+
+    #[test]
+    fn go_style_flags_are_accepted() {
+        let a = parse(&[
+            "-id",
+            "2",
+            "-cluster=http://127.0.0.1:1,http://127.0.0.1:2",
+            "-port",
+            "8",
+            "-join",
+        ]);
+        assert_eq!((a.id, a.port, a.join), (2, 8, true));
+        assert_eq!(a.raft_listen_addr().expect("ok"), "127.0.0.1:2");
+        for (flag, want) in [
+            ("--join=true", true),
+            ("-join=false", false),
+            ("--join=1", true),
+        ] {
+            assert_eq!(parse(&[flag]).join, want, "{flag}");
+        }
+        assert!(try_parse(&["--join=maybe"]).is_err());
+        // A bare --join does not swallow the next flag.
+        assert_eq!(parse(&["--join", "--id", "3"]).id, 3);
+        // Unknown single-dash names are left to clap, which refuses them.
+        assert!(try_parse(&["-bogus", "1"]).is_err());
     }
 
     #[test]

@@ -5,7 +5,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
 use raftexample::cli::{Args, LogFormat};
 use raftexample::kvstore::KvStore;
 use raftexample::raft_node::{self, NodeInputs};
@@ -18,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 const PROPOSE_QUEUE: usize = 4096;
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = Args::parse_go_style();
     init_tracing(args.log_format);
     let outcome = runtime()
         .map_err(|e| format!("cannot start the async runtime: {e}"))
@@ -27,7 +26,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
-            eprintln!("raftexample: {e}");
+            // Once on stderr is enough: the plain line only when the log would not show it.
+            if !tracing::enabled!(tracing::Level::ERROR) {
+                eprintln!("raftexample: {e}");
+            }
             ExitCode::FAILURE
         }
     }
@@ -48,6 +50,15 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     b.build()
 }
 
+/// What to check when a port cannot be bound because it is taken.
+fn in_use_hint(e: &std::io::Error) -> &'static str {
+    if e.kind() == std::io::ErrorKind::AddrInUse {
+        " (is another node, or an old one, still running on it?)"
+    } else {
+        ""
+    }
+}
+
 async fn run(args: Args) -> Result<(), String> {
     // Every connection and every file needs a descriptor: take all the system allows, then
     // cap each server's connections so the WAL and snapshots always get theirs.
@@ -63,11 +74,20 @@ async fn run(args: Args) -> Result<(), String> {
     cfg.raft_server_limits = raft_limits;
     let raft_addr = args.raft_listen_addr()?;
     let raft_listener = TcpListener::bind(&raft_addr).await.map_err(|e| {
-        format!("cannot listen for raft peers on {raft_addr}: {e} (is another node running?)")
+        format!(
+            "cannot listen for raft peers on {raft_addr}: {e}{}",
+            in_use_hint(&e)
+        )
     })?;
     let kv_listener = TcpListener::bind(("0.0.0.0", args.port))
         .await
-        .map_err(|e| format!("cannot listen for clients on port {}: {e}", args.port))?;
+        .map_err(|e| {
+            format!(
+                "cannot listen for clients on port {}: {e}{}",
+                args.port,
+                in_use_hint(&e)
+            )
+        })?;
 
     // The input channels of the raft node: proposeC and confChangeC as in Go, and readIndexC
     // for linearizable reads.

@@ -110,6 +110,9 @@ pub(super) struct RaftNode {
     wal_bytes: u64,
     /// A peer told the transport this node was removed.
     removed_by_peer: bool,
+    /// Ticks a joining node has waited without ever hearing from a leader (see
+    /// `warn_if_never_added`).
+    lonely_ticks: u32,
     /// The highest commit index sent to each peer in an append (see `send_pending_commits`).
     commit_sent: HashMap<u64, u64>,
     /// Indexes of the snapshots saved since start, newest last (see `release_wal`).
@@ -191,6 +194,7 @@ impl RaftNode {
             last_leader: 0,
             wal_bytes: 0,
             removed_by_peer: false,
+            lonely_ticks: 0,
             commit_sent: HashMap::new(),
             snapshots_saved: Vec::new(),
             last_snapshot_bytes: 0,
@@ -256,6 +260,7 @@ impl RaftNode {
                 _ = serialized_wake.notified(), if serializing => {}
                 _ = ticker.tick() => {
                     self.node.tick();
+                    self.warn_if_never_added();
                     self.retry_reads();
                     self.wal_bytes = self.wal.size_on_disk();
                 }
@@ -335,6 +340,28 @@ impl RaftNode {
         Some(tokio::time::Instant::now() + self.cfg.tick_interval * 20)
     }
 
+    /// A node started with `--join` before the cluster was asked to add it waits forever
+    /// without a word (the members refuse it); say what to do, every 10 s.
+    fn warn_if_never_added(&mut self) {
+        if !self.cfg.join || self.applied_index > 0 || self.node.raft.leader_id != raft::INVALID_ID
+        {
+            self.lonely_ticks = 0;
+            return;
+        }
+        self.lonely_ticks += 1;
+        if self.lonely_ticks.is_multiple_of(100) {
+            let url = usize::try_from(self.cfg.id)
+                .ok()
+                .and_then(|i| self.cfg.peers.get(i.wrapping_sub(1)))
+                .map_or("<its raft URL>", String::as_str);
+            tracing::warn!(
+                "no leader has contacted this node yet: if it is new, add it to the cluster first \
+                 (curl -XPOST http://<a member's KV address>/{} -d {url})",
+                self.cfg.id
+            );
+        }
+    }
+
     /// Publishes the node's state for `/status`, `/health` and the metrics.
     fn publish_status(&mut self) {
         let r = &self.node.raft;
@@ -361,6 +388,12 @@ impl RaftNode {
             snapshot_index: self.snapshot_index,
             wal_bytes: self.wal_bytes,
             members: self.members.iter().map(|(k, v)| (*k, v.clone())).collect(),
+            voters: {
+                let cs = &self.conf_state;
+                let mut ids: Vec<u64> = cs.voters.iter().chain(&cs.learners).copied().collect();
+                ids.sort_unstable();
+                ids
+            },
             removed: {
                 let removed = self
                     .removed

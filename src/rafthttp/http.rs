@@ -195,7 +195,7 @@ async fn accept_stream(
         return Err(http_error(StatusCode::GONE, "removed member"));
     }
     let Some(peer) = tr.peer(from) else {
-        tracing::warn!(from = %format_args!("{from:x}"), "rejected stream from unknown member");
+        tracing::warn!(from = %format_args!("{from:x}"), "rejected stream from unknown member (a new node must be added with POST /<id> before it starts)");
         return Err(not_found("error sender not found"));
     };
     let to = headers.get(HDR_RAFT_TO).and_then(|v| v.to_str().ok());
