@@ -5,7 +5,7 @@
 //! | `PUT /<key>`, body = value | propose `key = value` | 204 once proposed (not yet committed) |
 //! | `GET /<key>` | read the local map | 200 + value, or 404 |
 //! | `POST /<id>`, body = raft URL | propose adding node `id` | 204 once proposed |
-//! | `DELETE /<id>` | propose removing node `id` | 204 once proposed |
+//! | `DELETE /<id>` | propose removing node `id` | 204 once proposed; 404 if not a member |
 //! | anything else | — | 405, `Allow: PUT, GET, POST, DELETE` |
 //!
 //! The key is the whole request URI, query string included, as in Go (`r.RequestURI`).
@@ -117,11 +117,7 @@ fn unavailable(e: LinearizableError) -> ApiError {
 
 async fn handle(api: Api, req: Request) -> Result<Response, ApiError> {
     let linearizable = linearizable(&req)?;
-    let key = req
-        .uri()
-        .path_and_query()
-        .map_or("/", |pq| pq.as_str())
-        .to_owned();
+    let key = request_key(&req)?;
     let method = req.method().clone();
     match method {
         Method::PUT => {
@@ -147,7 +143,7 @@ async fn handle(api: Api, req: Request) -> Result<Response, ApiError> {
                 api.kvs.lookup(&key)
             };
             match found {
-                Some(v) => Ok(v.into_response()),
+                Some(v) => Ok(([(header::CONTENT_TYPE, content_type(&v))], v).into_response()),
                 None => Err(ApiError(StatusCode::NOT_FOUND, "Failed to GET".into())),
             }
         }
@@ -176,6 +172,19 @@ async fn handle(api: Api, req: Request) -> Result<Response, ApiError> {
         }
         Method::DELETE => {
             let node_id = parse_node_id(&key)?;
+            let member = api
+                .status
+                .as_ref()
+                .is_none_or(|s| s.borrow().voters.contains(&node_id));
+            if !member {
+                return Err(ApiError(
+                    StatusCode::NOT_FOUND,
+                    format!(
+                        "node {node_id} is not a member of this cluster (as far as this node has \
+                         applied); the members are in GET /status on the raft port"
+                    ),
+                ));
+            }
             let mut cc = ConfChange::default();
             cc.set_change_type(ConfChangeType::RemoveNode);
             cc.node_id = node_id;
@@ -187,6 +196,67 @@ async fn handle(api: Api, req: Request) -> Result<Response, ApiError> {
             "Method not allowed\n",
         )
             .into_response()),
+    }
+}
+
+/// The key of a request: its request target as sent, like Go's `r.RequestURI`. Requests Go's
+/// server refuses with a 400 are refused here too: an HTTP/1.1 request without `Host`, a target
+/// that is neither a path nor an absolute URL, and a path with a malformed `%` escape.
+fn request_key(req: &Request) -> Result<String, ApiError> {
+    let bad = |why: &str| ApiError(StatusCode::BAD_REQUEST, why.to_owned());
+    if req.version() == axum::http::Version::HTTP_11 && !req.headers().contains_key(header::HOST) {
+        return Err(bad("missing required Host header"));
+    }
+    let uri = req.uri();
+    let key = if uri.scheme().is_some() {
+        // Absolute form (`PUT http://host/k`): Go's key is the whole URL.
+        uri.to_string()
+    } else {
+        match uri.path_and_query() {
+            Some(pq) if pq.as_str().starts_with('/') => pq.as_str().to_owned(),
+            _ => {
+                return Err(bad(
+                    "the request target must be a path starting with /, e.g. /my-key",
+                ));
+            }
+        }
+    };
+    if !valid_escapes(uri.path()) {
+        return Err(bad(
+            "invalid URL escape in the path: % must be followed by two hex digits",
+        ));
+    }
+    Ok(key)
+}
+
+/// Whether every `%` in `path` starts a `%XX` escape (Go's `url.PathUnescape` check).
+fn valid_escapes(path: &str) -> bool {
+    let b = path.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = |j: usize| b.get(j).is_some_and(u8::is_ascii_hexdigit);
+            if !(hex(i + 1) && hex(i + 2)) {
+                return false;
+            }
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+    true
+}
+
+/// The `Content-Type` of a value: text if its first 512 bytes hold no control bytes other than
+/// whitespace (the rule Go's `http.DetectContentType` applies, so curl and browsers show text
+/// values as the Go original's did), else binary. Unlike Go it never says `text/html`: a stored
+/// value must not run as a page in the browser of whoever reads it.
+fn content_type(v: &[u8]) -> &'static str {
+    let binary = |c: &u8| matches!(c, 0x00..=0x08 | 0x0B | 0x0E..=0x1A | 0x1C..=0x1F);
+    if v[..v.len().min(512)].iter().any(binary) {
+        "application/octet-stream"
+    } else {
+        "text/plain; charset=utf-8"
     }
 }
 
@@ -284,6 +354,7 @@ mod tests {
         let (ctx, crx) = mpsc::channel(8);
         let kvs = KvStore::new(ptx);
         let status = NodeStatus {
+            voters: vec![1, 2],
             removed: vec![3],
             ..Default::default()
         };
@@ -299,6 +370,7 @@ mod tests {
         body: &'static str,
     ) -> (StatusCode, Response) {
         let req = HttpRequest::builder()
+            .header(header::HOST, "kv")
             .method(method)
             .uri(uri)
             .body(Body::from(body))
@@ -342,20 +414,38 @@ mod tests {
             (4, &b"http://127.0.0.1:42379"[..])
         );
         assert_eq!(
-            call(&r, "DELETE", "/0x3", "").await.0,
+            call(&r, "DELETE", "/0x2", "").await.0,
             StatusCode::NO_CONTENT
         );
         let cc = crx.recv().await.expect("cc");
         assert_eq!(
             (cc.get_change_type(), cc.node_id),
-            (ConfChangeType::RemoveNode, 3)
+            (ConfChangeType::RemoveNode, 2)
         );
+    }
+
+    #[tokio::test]
+    async fn deleting_a_non_member_is_404_and_proposes_nothing() {
+        let (r, _p, mut crx, _kvs) = app();
+        for id in ["/9", "/3"] {
+            let (status, resp) = call(&r, "DELETE", id, "").await;
+            assert_eq!(status, StatusCode::NOT_FOUND, "{id}");
+            let body = axum::body::to_bytes(resp.into_body(), 1024)
+                .await
+                .expect("body");
+            assert!(
+                String::from_utf8_lossy(&body).contains("not a member"),
+                "{body:?}"
+            );
+        }
+        assert!(crx.try_recv().is_err(), "nothing proposed");
     }
 
     #[tokio::test]
     async fn a_body_over_the_limit_is_413_and_nothing_is_proposed() {
         let (r, mut prx, _c, _kvs) = app();
         let req = HttpRequest::builder()
+            .header(header::HOST, "kv")
             .method("PUT")
             .uri("/big")
             .body(Body::from(vec![b'x'; MAX_BODY_BYTES + 1]))
@@ -396,6 +486,7 @@ mod tests {
         let (r, _p, _c, _kvs) = app();
         for method in ["PUT", "GET"] {
             let req = HttpRequest::builder()
+                .header(header::HOST, "kv")
                 .method(method)
                 .uri("/k")
                 .header("X-Linearizable", "true")
@@ -405,6 +496,7 @@ mod tests {
             assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE, "{method}");
         }
         let req = HttpRequest::builder()
+            .header(header::HOST, "kv")
             .uri("/k")
             .header("X-Linearizable", "maybe")
             .body(Body::empty())
@@ -421,5 +513,67 @@ mod tests {
         assert_eq!(parse_node_id("/0b11").ok(), Some(3));
         assert!(parse_node_id("/-1").is_err());
         assert!(parse_node_id("/18446744073709551616").is_err());
+    }
+
+    #[tokio::test]
+    async fn requests_go_refuses_are_400_and_propose_nothing() {
+        let (r, mut prx, _c, _kvs) = app();
+        let no_host = HttpRequest::builder()
+            .method("PUT")
+            .uri("/k")
+            .body(Body::from("v"))
+            .expect("request");
+        assert_eq!(
+            r.clone()
+                .oneshot(no_host)
+                .await
+                .expect("infallible")
+                .status(),
+            StatusCode::BAD_REQUEST
+        );
+        for uri in ["/%zz", "/a%2", "/%", "nokey"] {
+            assert_eq!(
+                call(&r, "PUT", uri, "v").await.0,
+                StatusCode::BAD_REQUEST,
+                "{uri}"
+            );
+        }
+        assert!(prx.try_recv().is_err(), "nothing proposed");
+        // Well-formed escapes, and a % in the query (Go does not check it there), are keys.
+        for uri in ["/a%2Fb", "/%e2%82%ac", "/k?x=%zz"] {
+            assert_eq!(call(&r, "PUT", uri, "v").await.0, StatusCode::NO_CONTENT);
+            let proposed = prx.recv().await.expect("proposal");
+            assert_eq!(proposed, crate::kvstore::encode(uri, b"v", 0));
+        }
+    }
+
+    #[tokio::test]
+    async fn an_absolute_form_target_is_the_whole_key() {
+        let (r, mut prx, _c, _kvs) = app();
+        let (status, _) = call(&r, "PUT", "http://127.0.0.1/abs", "v").await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        let proposed = prx.recv().await.expect("proposal");
+        assert_eq!(
+            proposed,
+            crate::kvstore::encode("http://127.0.0.1/abs", b"v", 0)
+        );
+    }
+
+    #[test]
+    fn values_are_text_unless_they_hold_control_bytes() {
+        assert_eq!(
+            content_type(b"hello\tworld\r\n"),
+            "text/plain; charset=utf-8"
+        );
+        assert_eq!(
+            content_type("<b>h\u{e9}</b>".as_bytes()),
+            "text/plain; charset=utf-8"
+        );
+        assert_eq!(content_type(b""), "text/plain; charset=utf-8");
+        assert_eq!(content_type(b"ab\x00c"), "application/octet-stream");
+        // Only the first 512 bytes are looked at, as in Go.
+        let mut v = vec![b'a'; 512];
+        v.push(0);
+        assert_eq!(content_type(&v), "text/plain; charset=utf-8");
     }
 }

@@ -32,6 +32,8 @@ pub struct NodeStatus {
     pub wal_bytes: u64,
     /// Every member this node knows: id and raft URL.
     pub members: Vec<(u64, String)>,
+    /// Ids in the applied raft configuration (voters and learners), sorted.
+    pub voters: Vec<u64>,
     /// Ids removed from the cluster; they cannot be added again.
     pub removed: Vec<u64>,
 }

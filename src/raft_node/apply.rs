@@ -2,7 +2,7 @@
 //! `entriesToApply`, `publishEntries`, `publishSnapshot`, `saveSnap`, `maybeTriggerSnapshot`,
 //! `processMessages`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -183,15 +183,15 @@ impl RaftNode {
         {
             self.conf_change_in_flight = None;
         }
-        // A removed id never comes back (its node still holds its old log and its peers refuse
-        // it): a late or repeated AddNode for it is skipped, the same way on every node, since
-        // the removed set is replicated state.
-        let is_add = matches!(
-            cc.get_change_type(),
-            ConfChangeType::AddNode | ConfChangeType::AddLearnerNode
-        );
-        if is_add && self.is_removed(cc.node_id) {
-            tracing::warn!(node = cc.node_id, "ignoring AddNode of a removed member");
+        let skip = {
+            let removed = self
+                .removed
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            skip_conf_change(&self.conf_state, &removed, cc)
+        };
+        if let Some(why) = skip {
+            tracing::warn!(node = cc.node_id, "conf change ignored: {why}");
             return Ok(false);
         }
         // A change raft cannot apply (e.g. removing the last voter) is skipped, the same way on
@@ -507,6 +507,31 @@ pub(super) struct SnapshotInFlight {
     written: oneshot::Receiver<Result<Snapshot, SnapError>>,
 }
 
+/// Why a committed conf change must change nothing, if it must. Decided from replicated state
+/// only (the configuration and the removed ids), so every node skips the same ones.
+///
+/// - A removed id never comes back (its node still holds its old log and its peers refuse
+///   it): a late or repeated AddNode for it is skipped.
+/// - Removing an id that is not in the configuration (a typo in `DELETE /<id>` that got past
+///   the API's check, or a repeated removal) must not mark the id removed, which would refuse
+///   it for good.
+fn skip_conf_change(
+    cs: &ConfState,
+    removed: &HashSet<u64>,
+    cc: &ConfChange,
+) -> Option<&'static str> {
+    let id = cc.node_id;
+    match cc.get_change_type() {
+        ConfChangeType::AddNode | ConfChangeType::AddLearnerNode if removed.contains(&id) => {
+            Some("the id was removed from this cluster and cannot be reused")
+        }
+        ConfChangeType::RemoveNode if !cs.voters.contains(&id) && !cs.learners.contains(&id) => {
+            Some("the id is not a member")
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -601,5 +626,38 @@ mod tests {
             .mut_metadata()
             .set_conf_state(current);
         assert_eq!(out, vec![want_snap, app_msg]);
+    }
+
+    #[test]
+    fn conf_changes_that_must_change_nothing_are_skipped() {
+        let cs = ConfState {
+            voters: vec![1, 2, 3],
+            learners: vec![5],
+            ..Default::default()
+        };
+        let removed: HashSet<u64> = [4].into();
+        let cc = |t: ConfChangeType, id: u64| {
+            let mut cc = ConfChange::default();
+            cc.set_change_type(t);
+            cc.node_id = id;
+            cc
+        };
+        use ConfChangeType::{AddLearnerNode, AddNode, RemoveNode};
+        for (t, id, skipped) in [
+            (RemoveNode, 2, false),
+            (RemoveNode, 5, false),
+            // Never a member, or already removed: nothing to do, and 9 stays usable.
+            (RemoveNode, 9, true),
+            (RemoveNode, 4, true),
+            (AddNode, 4, true),
+            (AddLearnerNode, 4, true),
+            (AddNode, 9, false),
+        ] {
+            assert_eq!(
+                skip_conf_change(&cs, &removed, &cc(t, id)).is_some(),
+                skipped,
+                "{t:?} {id}"
+            );
+        }
     }
 }
