@@ -102,12 +102,46 @@ pub async fn wait_for_value(url: &str, want: &[u8], timeout: Duration) {
     .await
 }
 
-/// A free TCP port on loopback (bound, then released: the caller binds it right away).
+/// A free TCP port for a node process to bind, never the same one twice in this test run.
+///
+/// Ports come from below the kernel's ephemeral range (`ip_local_port_range`), so neither
+/// a `bind(port 0)` elsewhere in the suite nor the local end of an outgoing connection can
+/// take one between this probe and the node's bind, or while a node is down for a restart.
+/// (Picking with port 0 raced exactly that way: two picks in one cluster once got the same
+/// port.) Each candidate is probed by binding `0.0.0.0`, which fails if anything listens
+/// on it on any address. The start is spread by pid so concurrent suites rarely overlap.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let (lo, hi) = pickable_range();
+    let span = hi - lo;
+    let start = std::process::id() % span;
+    for _ in 0..span {
+        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let port = (lo + offset) as u16;
+        if std::net::TcpListener::bind(("0.0.0.0", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free TCP port in {lo}..{hi}");
+}
+
+/// `[lo, hi)`: the ports below the ephemeral range, from 10000 (above well-known
+/// services); or, if the ephemeral range starts low, the ports above it.
+fn pickable_range() -> (u32, u32) {
+    let ephemeral: Vec<u32> = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .map(|s| {
+            s.split_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    match ephemeral[..] {
+        [lo, _] if lo >= 20000 => (10000, lo),
+        [_, hi] if hi <= 64000 => (hi + 1, 65536),
+        _ => (10000, 32768),
+    }
 }
 
 /// PUTs `key-{i}` = `val-{i}` for every `i` in `range` to `base` (e.g. `http://127.0.0.1:1`),
