@@ -26,6 +26,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, timeout};
 
+use crate::support::free_port;
+
 const CLUSTER: u64 = 0x1000;
 const DEADLINE: Duration = Duration::from_secs(20);
 
@@ -67,8 +69,11 @@ pub struct Node {
 }
 
 impl Node {
+    /// On a port from `free_port`: outside the ephemeral range, so a test that stops the
+    /// node and binds its address again cannot find it taken by an outgoing connection.
     pub async fn start(id: u64) -> Node {
-        Node::on(id, TcpListener::bind("127.0.0.1:0").await.unwrap()).await
+        let listener = TcpListener::bind(("127.0.0.1", free_port())).await;
+        Node::on(id, listener.expect("bind a free port")).await
     }
 
     pub async fn on(id: u64, listener: TcpListener) -> Node {
@@ -344,12 +349,8 @@ async fn restarted_peer_is_reconnected() {
 #[tokio::test]
 async fn dead_peer_queues_stay_bounded() {
     let mut a = Node::start(1).await;
-    // A port nobody listens on.
-    let dead = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // A port nobody listens on (and nobody in this suite will: see `free_port`).
+    let dead = format!("127.0.0.1:{}", free_port());
     a.tr.add_peer(3, &[format!("http://{dead}")]);
     let n = 50_000;
     for chunk in 0..50 {

@@ -1,5 +1,5 @@
 //! An in-process cluster of raft nodes wired by their channels (Go: `raftexample_test.go`'s
-//! `cluster`). Each node has pre-bound port-0 listeners, so there is no port race.
+//! `cluster`). Each node has pre-bound listeners, so there is no port race.
 
 use std::time::Duration;
 
@@ -28,12 +28,15 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
 }
 
-/// Binds `n` raft listeners on 127.0.0.1:0 and returns them with their URLs.
+/// Binds `n` raft listeners on free loopback ports (see `free_port`) and returns them
+/// with their URLs.
 pub async fn bind_peers(n: usize) -> (Vec<TcpListener>, Vec<String>) {
     let mut listeners = Vec::new();
     let mut urls = Vec::new();
     for _ in 0..n {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let l = TcpListener::bind(("127.0.0.1", super::free_port()))
+            .await
+            .expect("bind a free port");
         urls.push(format!("http://{}", l.local_addr().expect("addr")));
         listeners.push(l);
     }
