@@ -102,19 +102,16 @@ pub fn process_messages(mut msgs: Vec<Message>, conf_state: &ConfState) -> Vec<M
 
 impl RaftNode {
     /// Applies conf changes to raft and the transport and sends the payloads of normal entries
-    /// to the store. Returns whether this node was removed, and the receiver that fires once
-    /// the store applied the batch.
-    pub(super) async fn publish_entries(
-        &mut self,
-        ents: Vec<Entry>,
-    ) -> Result<(Flow, Option<oneshot::Receiver<()>>), NodeError> {
+    /// to the store. Returns whether this node was removed; `last_apply_done` fires once the
+    /// store applied the batch.
+    pub(super) async fn publish_entries(&mut self, ents: Vec<Entry>) -> Result<Flow, NodeError> {
         let ents =
             entries_to_apply(ents, self.applied_index).map_err(|reason| NodeError::BadEntry {
                 index: self.applied_index + 1,
                 reason,
             })?;
         let Some(last) = ents.last().map(|e| e.index) else {
-            return Ok((Flow::Continue, None));
+            return Ok(Flow::Continue);
         };
         let mut data = Vec::with_capacity(ents.len());
         let mut flow = Flow::Continue;
@@ -167,7 +164,8 @@ impl RaftNode {
             apply_done,
         })
         .await?;
-        Ok((flow, Some(rx)))
+        self.last_apply_done = Some(rx);
+        Ok(flow)
     }
 
     /// Applies one conf change; returns true if it removed this node.
@@ -279,6 +277,8 @@ impl RaftNode {
         self.conf_state = meta.get_conf_state().clone();
         self.snapshot_index = meta.index;
         self.applied_index = meta.index;
+        // The store replaces its state with the snapshot: earlier batches no longer matter.
+        self.last_apply_done = None;
         self.publish(Commit::Snapshot {
             data: Bytes::from(payload.kv),
             index: meta.index,
@@ -419,16 +419,21 @@ impl RaftNode {
 
     /// Takes a snapshot once `snapshot_count` entries were applied since the last, after the
     /// store has applied them, then compacts the in-memory log.
-    pub(super) async fn maybe_trigger_snapshot(
-        &mut self,
-        apply_done: Option<oneshot::Receiver<()>>,
-    ) -> Result<(), NodeError> {
+    ///
+    /// "Applied them" means every batch published so far, not just this Ready's: a trigger
+    /// skipped while another snapshot was in flight comes due in a later Ready, perhaps one
+    /// with no commits at all, while the commits held back during that snapshot were only
+    /// just released and still sit in *commitC*. Serializing then would label an older store
+    /// with the newer index, and a restart or a follower loading it would lose the difference.
+    pub(super) async fn maybe_trigger_snapshot(&mut self) -> Result<(), NodeError> {
         if self.applied_index - self.snapshot_index <= self.cfg.snapshot_count
             || self.snapshot_in_flight.is_some()
         {
             return Ok(());
         }
-        if let Some(done) = apply_done {
+        // None only before any batch was published since start or since a received snapshot,
+        // and then `applied_index` is the snapshot's, which does not trigger.
+        if let Some(done) = self.last_apply_done.take() {
             // Dropped without a signal: the store failed before applying the batch, so its
             // state is not the one at `applied`. A snapshot of it would lose that batch.
             done.await.map_err(|_| {

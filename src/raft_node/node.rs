@@ -125,6 +125,11 @@ pub(super) struct RaftNode {
     pub(super) held_commits: Vec<Commit>,
     /// Woken by that thread once the store is serialized, so held commits go at once.
     pub(super) serialized_wake: std::sync::Arc<tokio::sync::Notify>,
+    /// Fires once the store has applied the newest batch published (the store applies in
+    /// order, so everything before it too). Kept across Readys: the batches a snapshot covers
+    /// may have been published in an earlier Ready, or held back and released since, and still
+    /// sit in *commitC* (etcd#12714).
+    pub(super) last_apply_done: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 impl RaftNode {
@@ -201,6 +206,7 @@ impl RaftNode {
             snapshot_in_flight: None,
             held_commits: Vec::new(),
             serialized_wake: std::sync::Arc::default(),
+            last_apply_done: None,
         };
         if let Some(snap) = replayed.snapshot {
             rn.publish_snapshot(&snap).await?;
@@ -686,7 +692,7 @@ impl RaftNode {
 
         // 6. Committed entries to the key-value store.
         let committed = rd.take_committed_entries();
-        let (flow, mut apply_done) = self.publish_entries(committed).await?;
+        let flow = self.publish_entries(committed).await?;
         if flow == Flow::Removed {
             return Ok(flow);
         }
@@ -706,17 +712,14 @@ impl RaftNode {
         if !light.messages().is_empty() {
             self.send(light.take_messages());
         }
-        let (flow, more_done) = self.publish_entries(light.take_committed_entries()).await?;
-        if more_done.is_some() {
-            apply_done = more_done;
-        }
+        let flow = self.publish_entries(light.take_committed_entries()).await?;
         if flow == Flow::Removed {
             return Ok(flow);
         }
         self.node.advance_apply();
 
         // 10. Snapshot and compact once enough is applied, after the store really applied it.
-        self.maybe_trigger_snapshot(apply_done).await?;
+        self.maybe_trigger_snapshot().await?;
         Ok(Flow::Continue)
     }
 

@@ -213,6 +213,180 @@ async fn commits_wait_while_the_store_is_serialized_but_the_loop_goes_on() {
     clus.close_no_errors().await;
 }
 
+/// A snapshot that comes due while another is in flight is taken later, perhaps in a Ready
+/// with no commits of its own, when the commits held back during the first one were only just
+/// released to the store. It must still wait until the store has applied them, or its data is
+/// an older store labelled with a newer index (etcd#12714). Every snapshot file node 1 writes
+/// must hold the store as of exactly its index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_due_later_waits_for_the_commits_released_before_it() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    init_tracing();
+    let t = Duration::from_secs(30);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (listeners, peers) = bind_peers(3).await;
+    // Node 1's store: the index it has applied. Its snapshot source writes that index as the
+    // store's bytes and reports it; the first snapshot blocks until the test releases it.
+    let store_at = Arc::new(AtomicU64::new(0));
+    let (started_tx, mut started_rx) = mpsc::unbounded_channel::<u64>();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let release_rx = std::sync::Mutex::new(Some(release_rx));
+    let source: raftexample::raft_node::GetSnapshot = {
+        let store_at = Arc::clone(&store_at);
+        Arc::new(move |out| {
+            let at = store_at.load(Ordering::SeqCst);
+            out.extend_from_slice(&at.to_le_bytes());
+            let _ = started_tx.send(at);
+            let first = release_rx.lock().ok().and_then(|mut r| r.take());
+            if let Some(rx) = first {
+                let _ = rx.recv();
+            }
+        })
+    };
+    let mut nodes = Vec::new();
+    let mut snap_dir = None;
+    for (i, l) in listeners.into_iter().enumerate() {
+        let mut cfg = test_config(i as u64 + 1, &peers, dir.path());
+        cfg.snapshot_count = 4;
+        cfg.snapshot_catchup_entries = 4;
+        let get_snapshot = if i == 0 {
+            snap_dir = Some(cfg.snap_dir());
+            Arc::clone(&source)
+        } else {
+            Arc::new(|_: &mut Vec<u8>| {}) as raftexample::raft_node::GetSnapshot
+        };
+        nodes.push(start_node(cfg, l, get_snapshot).await);
+    }
+    drop(source);
+    let snap_dir = snap_dir.expect("node 1 configured");
+    let mut clus = Cluster { dir, peers, nodes };
+    let (seen_tx, mut seen_rx) = mpsc::unbounded_channel();
+    for n in &mut clus.nodes[1..] {
+        let mut rx = n.commit_rx.take().expect("commits");
+        let seen = seen_tx.clone();
+        tokio::spawn(async move {
+            while let Some(c) = rx.recv().await {
+                if let Commit::Entries {
+                    data, apply_done, ..
+                } = c
+                {
+                    for d in data {
+                        let _ = seen.send(d);
+                    }
+                    let _ = apply_done.send(());
+                }
+            }
+        });
+    }
+    let ptx = clus.nodes[0].propose_tx.clone().expect("proposer");
+    let mut crx = clus.nodes[0].commit_rx.take().expect("commits");
+    let apply = |c: Commit| match c {
+        Commit::Entries {
+            index, apply_done, ..
+        } => {
+            store_at.store(index, Ordering::SeqCst);
+            let _ = apply_done.send(());
+        }
+        Commit::Snapshot { index, .. } => store_at.store(index, Ordering::SeqCst),
+    };
+
+    // Due for a snapshot: node 1 applies until the (blocked) first one starts.
+    for i in 0..6 {
+        ptx.send(format!("v{i}").into_bytes())
+            .await
+            .expect("propose");
+    }
+    let first_at = tokio::time::timeout(t, async {
+        loop {
+            tokio::select! {
+                c = crx.recv() => apply(c.expect("node 1 publishes commits")),
+                at = started_rx.recv() => return at.expect("node 1's snapshot source"),
+            }
+        }
+    })
+    .await
+    .expect("node 1 starts a snapshot within 30 s");
+
+    // Meanwhile enough commits for the next snapshot, held back from node 1's store.
+    for i in 0..8 {
+        ptx.send(format!("w{i}").into_bytes())
+            .await
+            .expect("propose");
+    }
+    tokio::time::timeout(t, async {
+        while seen_rx.recv().await.expect("nodes 2 and 3 apply") != b"w7"[..] {}
+    })
+    .await
+    .expect("the proposals made during the first snapshot commit within 30 s");
+    let commit_of = |raft_url: String| async move {
+        let r = http("GET", &format!("{raft_url}/status"), b"").await.ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&r.body).ok()?;
+        v["commit"].as_u64()
+    };
+    let committed = poll_until(t, "the commit index of node 2 or 3", || async {
+        commit_of(clus.peers[1].clone())
+            .await
+            .max(commit_of(clus.peers[2].clone()).await)
+    })
+    .await;
+    poll_until(t, "node 1 to learn the commit", || async {
+        commit_of(clus.peers[0].clone())
+            .await
+            .filter(|c| *c >= committed)
+    })
+    .await;
+
+    // Release the first snapshot; the held commits go to node 1's store, which is slow to
+    // apply them. The second snapshot is due from the next Ready on (heartbeats make one
+    // every tick): it must not start before the store has caught up.
+    release_tx.send(()).expect("the snapshot thread waits");
+    let early = tokio::time::timeout(Duration::from_secs(1), started_rx.recv()).await;
+    if let Ok(Some(at)) = early {
+        panic!(
+            "the second snapshot started with the store at {at}, before it applied the released commits"
+        );
+    }
+    // Now the store applies: the second snapshot follows.
+    tokio::time::timeout(t, async {
+        loop {
+            tokio::select! {
+                c = crx.recv() => apply(c.expect("node 1 publishes commits")),
+                at = started_rx.recv() => return at.expect("node 1's snapshot source"),
+            }
+        }
+    })
+    .await
+    .expect("the second snapshot starts within 30 s of the store catching up");
+    let snap = poll_until(t, "node 1's second snapshot file", || {
+        let dir = snap_dir.clone();
+        async move {
+            raftexample::snap::Snapshotter::new(dir)
+                .load()
+                .ok()
+                .filter(|s| s.get_metadata().index > first_at)
+        }
+    })
+    .await;
+    let data = &snap.data[snap.data.len() - 8..];
+    let store_index = u64::from_le_bytes(data.try_into().expect("8 bytes"));
+    assert_eq!(
+        store_index,
+        snap.get_metadata().index,
+        "the snapshot holds the store as of its index"
+    );
+    // Keep node 1's store applying while the cluster closes.
+    tokio::spawn(async move {
+        while let Some(c) = crx.recv().await {
+            if let Commit::Entries { apply_done, .. } = c {
+                let _ = apply_done.send(());
+            }
+        }
+    });
+    drop(ptx);
+    clus.close_no_errors().await;
+}
+
 /// A follower that was down while the log moved past a compaction catches up through a
 /// snapshot; then every key survives a kill -9 of the whole cluster.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
