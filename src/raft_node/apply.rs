@@ -86,15 +86,30 @@ pub fn entries_to_apply(ents: Vec<Entry>, applied: u64) -> Result<Vec<Entry>, St
     Ok(ents.into_iter().skip(skip).collect())
 }
 
-/// Stamps the current membership on outgoing snapshots. A snapshot taken before a node was
-/// added does not list it, and raft rejects a snapshot that does not name the receiver
-/// (etcd#13760, raft-rs#472), so a new member could never catch up.
+/// Makes an outgoing snapshot name its receiver. A snapshot taken before a node was added
+/// does not list it, and raft rejects a snapshot that does not name the receiver (etcd#13760,
+/// raft-rs#472), so a new member could never catch up.
+///
+/// Go stamps the leader's *current* ConfState instead. That mixes two indexes: the payload
+/// (members, removed ids, sessions, the store) is as of the snapshot, the ConfState as of now,
+/// and the receiver then replays the entries in between against the wrong configuration. A
+/// `RemoveNode` among them looks like the removal of a non-member and is skipped there, so
+/// that node alone keeps the removed id as a member. Adding just the receiver (as the voter or
+/// learner it now is) keeps the snapshot's configuration otherwise as of its index; the
+/// receiver's own `AddNode`, replayed after it, then changes nothing.
 pub fn process_messages(mut msgs: Vec<Message>, conf_state: &ConfState) -> Vec<Message> {
     for m in msgs.iter_mut() {
         if m.get_msg_type() == MessageType::MsgSnapshot {
-            m.mut_snapshot()
-                .mut_metadata()
-                .set_conf_state(conf_state.clone());
+            let to = m.to;
+            let cs = m.mut_snapshot().mut_metadata().mut_conf_state();
+            if cs.voters.contains(&to) || cs.learners.contains(&to) {
+                continue;
+            }
+            if conf_state.learners.contains(&to) {
+                cs.learners.push(to);
+            } else {
+                cs.voters.push(to);
+            }
         }
     }
     msgs
@@ -595,42 +610,58 @@ mod tests {
         assert!(entries_to_apply(vec![ent(7)], 5).is_err());
     }
 
-    /// Port of Go's TestProcessMessages: a MsgSnapshot gets the current conf state; other
-    /// messages are left alone.
+    /// After Go's TestProcessMessages: a MsgSnapshot is made to name its receiver, with the
+    /// role it has now; the rest of its configuration stays as of the snapshot. Other messages
+    /// are left alone.
     #[test]
-    fn process_messages_replaces_conf_state_on_snapshots_only() {
+    fn process_messages_adds_the_receiver_to_snapshots_only() {
         let current = ConfState {
             voters: vec![2, 6, 8, 10],
+            learners: vec![11],
             ..Default::default()
         };
-        let stale = ConfState {
+        let at_snapshot = ConfState {
             voters: vec![1, 2, 3],
             ..Default::default()
         };
-        let mut snap_msg = Message::default();
-        snap_msg.set_msg_type(MessageType::MsgSnapshot);
-        snap_msg.to = 8;
-        snap_msg
-            .mut_snapshot()
-            .mut_metadata()
-            .set_conf_state(stale.clone());
-        snap_msg.mut_snapshot().mut_metadata().index = 9;
+        let snap_to = |to: u64, cs: &ConfState| {
+            let mut m = Message::default();
+            m.set_msg_type(MessageType::MsgSnapshot);
+            m.to = to;
+            m.mut_snapshot().mut_metadata().set_conf_state(cs.clone());
+            m.mut_snapshot().mut_metadata().index = 9;
+            m
+        };
         let mut app_msg = Message::default();
         app_msg.set_msg_type(MessageType::MsgAppend);
         app_msg.to = 8;
         app_msg
             .mut_snapshot()
             .mut_metadata()
-            .set_conf_state(stale.clone());
+            .set_conf_state(at_snapshot.clone());
 
-        let out = process_messages(vec![snap_msg.clone(), app_msg.clone()], &current);
+        let out = process_messages(
+            vec![
+                snap_to(8, &at_snapshot),
+                snap_to(11, &at_snapshot),
+                snap_to(2, &at_snapshot),
+                app_msg.clone(),
+            ],
+            &current,
+        );
 
-        let mut want_snap = snap_msg;
-        want_snap
-            .mut_snapshot()
-            .mut_metadata()
-            .set_conf_state(current);
-        assert_eq!(out, vec![want_snap, app_msg]);
+        let with = |voters: Vec<u64>, learners: Vec<u64>| ConfState {
+            voters,
+            learners,
+            ..Default::default()
+        };
+        let want = vec![
+            snap_to(8, &with(vec![1, 2, 3, 8], vec![])),
+            snap_to(11, &with(vec![1, 2, 3], vec![11])),
+            snap_to(2, &at_snapshot),
+            app_msg,
+        ];
+        assert_eq!(out, want);
     }
 
     #[test]

@@ -170,3 +170,63 @@ async fn grow_to_five_and_shrink_to_three_under_writes() {
         wait_all_keys(&base, "w", 0..1000, T).await;
     }
 }
+
+/// A node that joins through a snapshot learns the membership changes committed after that
+/// snapshot: node 3 is removed after the last snapshot, node 4 joins and gets that snapshot
+/// plus the log after it, and must list 3 as removed, as every other node does. (With Go's
+/// stamping of the leader's current configuration on the snapshot, node 4 replayed the removal
+/// against a configuration that no longer had 3, skipped it, and kept 3 as a member.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joining_by_snapshot_learns_the_removals_after_it() {
+    let mut c = ProcessCluster::start(
+        3,
+        &["--snapshot-count", "20", "--snapshot-catchup-entries", "2"],
+    );
+    put_range(&c.node(1).url(""), "k", 0..100, 4).await;
+    wait_all_keys(&c.node(2).url(""), "k", 0..100, T).await;
+
+    let r = http("DELETE", &c.node(1).url("/3"), b"")
+        .await
+        .expect("DELETE");
+    assert_eq!(r.status, 204);
+    c.node(3)
+        .wait_exit(T)
+        .expect("node 3 exits by itself after its removal");
+    let raft4 = format!("http://127.0.0.1:{}", free_port());
+    let kv4 = free_port();
+    add_node(&c.nodes[0].url("/4"), &raft4).await;
+    let cluster4 = [c.peers.clone(), vec![raft4.clone()]].concat().join(",");
+    let dir4 = c.dir.path().join("n4");
+    std::fs::create_dir_all(&dir4).expect("dir");
+    let mut n4 = NodeProcess::spawn(4, &cluster4, kv4, &dir4, &["--join"]);
+    // A write after the removal and the addition: once node 4 has it, it has applied both.
+    put_range(&c.node(1).url(""), "after", 0..1, 1).await;
+    wait_all_keys(&n4.url(""), "after", 0..1, T).await;
+    wait_all_keys(&n4.url(""), "k", 0..100, T).await;
+
+    let removed_on = |raft_url: String| async move {
+        let r = http("GET", &format!("{raft_url}/status"), b"").await.ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&r.body).ok()?;
+        let removed: Vec<u64> = serde_json::from_value(v["removed"].clone()).ok()?;
+        let peers: Vec<u64> = v["peers"]
+            .as_array()?
+            .iter()
+            .filter_map(|p| p["id"].as_u64())
+            .collect();
+        Some((removed, peers))
+    };
+    let (removed1, _) = poll_until(T, "node 1's status", || removed_on(c.peers[0].clone())).await;
+    assert_eq!(removed1, vec![3], "node 1 lists 3 as removed");
+    assert!(
+        crate::support::metric(&raft4, "raftexample_snapshots_received_total").await >= 1.0,
+        "node 4 caught up through a snapshot"
+    );
+    let (removed4, peers4) = poll_until(T, "node 4's status", || removed_on(raft4.clone())).await;
+    assert_eq!(
+        removed4,
+        vec![3],
+        "node 4 lists 3 as removed, as node 1 does"
+    );
+    assert!(!peers4.contains(&3), "node 4 keeps no peer 3: {peers4:?}");
+    n4.kill9();
+}
