@@ -110,25 +110,7 @@ async fn commits_wait_while_the_store_is_serialized_but_the_loop_goes_on() {
         nodes.push(start_node(cfg, l, get_snapshot).await);
     }
     let mut clus = Cluster { dir, peers, nodes };
-    // Nodes 2 and 3 apply everything and report what they applied.
-    let (seen_tx, mut seen_rx) = mpsc::unbounded_channel();
-    for n in &mut clus.nodes[1..] {
-        let mut rx = n.commit_rx.take().expect("commits");
-        let seen = seen_tx.clone();
-        tokio::spawn(async move {
-            while let Some(c) = rx.recv().await {
-                if let Commit::Entries {
-                    data, apply_done, ..
-                } = c
-                {
-                    for d in data {
-                        let _ = seen.send(d);
-                    }
-                    let _ = apply_done.send(());
-                }
-            }
-        });
-    }
+    let mut seen_rx = apply_on_nodes_2_and_3(&mut clus);
     let ptx = clus.nodes[0].propose_tx.clone().expect("proposer");
     let crx = clus.nodes[0].commit_rx.as_mut().expect("commits");
     let mut applied_on_1 = Vec::new();
@@ -168,25 +150,7 @@ async fn commits_wait_while_the_store_is_serialized_but_the_loop_goes_on() {
     .expect("a proposal made on node 1 during the serialization commits within 30 s");
     // ... but node 1's store, being serialized, gets nothing, even once node 1's loop knows
     // that "late" is committed (its `/status` is published after the turn's commits are).
-    let commit_of = |raft_url: String| async move {
-        let r = http("GET", &format!("{raft_url}/status"), b"").await.ok()?;
-        let v: serde_json::Value = serde_json::from_slice(&r.body).ok()?;
-        v["commit"].as_u64()
-    };
-    let late_committed = poll_until(t, "the commit index of node 2 or 3", || async {
-        let (c2, c3) = (
-            commit_of(clus.peers[1].clone()).await,
-            commit_of(clus.peers[2].clone()).await,
-        );
-        c2.max(c3)
-    })
-    .await;
-    poll_until(t, "node 1 to learn the commit", || async {
-        commit_of(clus.peers[0].clone())
-            .await
-            .filter(|c| *c >= late_committed)
-    })
-    .await;
+    node_1_learns_the_commit_of_2_and_3(&clus.peers, t).await;
     match crx.try_recv() {
         Err(mpsc::error::TryRecvError::Empty) => {}
         other => panic!("a commit reached node 1's store during its serialization: {other:?}"),
@@ -261,24 +225,7 @@ async fn a_snapshot_due_later_waits_for_the_commits_released_before_it() {
     drop(source);
     let snap_dir = snap_dir.expect("node 1 configured");
     let mut clus = Cluster { dir, peers, nodes };
-    let (seen_tx, mut seen_rx) = mpsc::unbounded_channel();
-    for n in &mut clus.nodes[1..] {
-        let mut rx = n.commit_rx.take().expect("commits");
-        let seen = seen_tx.clone();
-        tokio::spawn(async move {
-            while let Some(c) = rx.recv().await {
-                if let Commit::Entries {
-                    data, apply_done, ..
-                } = c
-                {
-                    for d in data {
-                        let _ = seen.send(d);
-                    }
-                    let _ = apply_done.send(());
-                }
-            }
-        });
-    }
+    let mut seen_rx = apply_on_nodes_2_and_3(&mut clus);
     let ptx = clus.nodes[0].propose_tx.clone().expect("proposer");
     let mut crx = clus.nodes[0].commit_rx.take().expect("commits");
     let apply = |c: Commit| match c {
@@ -319,23 +266,7 @@ async fn a_snapshot_due_later_waits_for_the_commits_released_before_it() {
     })
     .await
     .expect("the proposals made during the first snapshot commit within 30 s");
-    let commit_of = |raft_url: String| async move {
-        let r = http("GET", &format!("{raft_url}/status"), b"").await.ok()?;
-        let v: serde_json::Value = serde_json::from_slice(&r.body).ok()?;
-        v["commit"].as_u64()
-    };
-    let committed = poll_until(t, "the commit index of node 2 or 3", || async {
-        commit_of(clus.peers[1].clone())
-            .await
-            .max(commit_of(clus.peers[2].clone()).await)
-    })
-    .await;
-    poll_until(t, "node 1 to learn the commit", || async {
-        commit_of(clus.peers[0].clone())
-            .await
-            .filter(|c| *c >= committed)
-    })
-    .await;
+    node_1_learns_the_commit_of_2_and_3(&clus.peers, t).await;
 
     // Release the first snapshot; the held commits go to node 1's store, which is slow to
     // apply them. The second snapshot is due from the next Ready on (heartbeats make one
@@ -489,4 +420,49 @@ async fn corrupt_newest_snapshot_falls_back_to_the_previous_one() {
         std::path::Path::new(&broken).exists(),
         "the bad file is set aside"
     );
+}
+
+/// Nodes 2 and 3 apply everything; returns what they applied, in order.
+fn apply_on_nodes_2_and_3(clus: &mut Cluster) -> mpsc::UnboundedReceiver<bytes::Bytes> {
+    let (seen_tx, seen_rx) = mpsc::unbounded_channel();
+    for n in &mut clus.nodes[1..] {
+        let mut rx = n.commit_rx.take().expect("commits");
+        let seen = seen_tx.clone();
+        tokio::spawn(async move {
+            while let Some(c) = rx.recv().await {
+                if let Commit::Entries {
+                    data, apply_done, ..
+                } = c
+                {
+                    for d in data {
+                        let _ = seen.send(d);
+                    }
+                    let _ = apply_done.send(());
+                }
+            }
+        });
+    }
+    seen_rx
+}
+
+/// Waits until node 1's loop knows the commit index that node 2 or 3 reports (`/status` is
+/// published after the turn's commits are).
+async fn node_1_learns_the_commit_of_2_and_3(peers: &[String], t: Duration) {
+    let commit_of = |raft_url: String| async move {
+        let r = http("GET", &format!("{raft_url}/status"), b"").await.ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&r.body).ok()?;
+        v["commit"].as_u64()
+    };
+    let committed = poll_until(t, "the commit index of node 2 or 3", || async {
+        commit_of(peers[1].clone())
+            .await
+            .max(commit_of(peers[2].clone()).await)
+    })
+    .await;
+    poll_until(t, "node 1 to learn the commit", || async {
+        commit_of(peers[0].clone())
+            .await
+            .filter(|c| *c >= committed)
+    })
+    .await;
 }
