@@ -342,6 +342,47 @@ impl<'de> Deserialize<'de> for SnapshotOwned {
     }
 }
 
+/// Whether `data` is a proposal [`encode`] wrote: the raft port refuses entries the store could
+/// not apply (see `raft_node::guard`).
+///
+/// # Errors
+///
+/// Why it is not.
+pub fn check_proposal(data: &[u8]) -> Result<(), String> {
+    bincode::deserialize::<Kv<'_>>(data)
+        .map(|_| ())
+        .map_err(|e| format!("not a key-value proposal: {e}"))
+}
+
+/// Whether `data` is a snapshot [`KvStore::write_snapshot`] wrote, read in place (no map is
+/// built): the raft port refuses a snapshot the store could not load.
+///
+/// # Errors
+///
+/// Why it is not.
+pub fn check_snapshot(data: &[u8]) -> Result<(), String> {
+    struct Pairs;
+    impl<'de> serde::de::Visitor<'de> for Pairs {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a map of keys to byte strings")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut access: A) -> Result<(), A::Error> {
+            while access.next_entry::<&str, &[u8]>()?.is_some() {}
+            Ok(())
+        }
+    }
+    struct Check;
+    impl<'de> Deserialize<'de> for Check {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Check, D::Error> {
+            d.deserialize_map(Pairs).map(|()| Check)
+        }
+    }
+    bincode::deserialize::<Check>(data)
+        .map(|_| ())
+        .map_err(|e| format!("not a key-value snapshot: {e}"))
+}
+
 /// The bytes of one proposal; `req` is the id of a waiting client, or 0.
 pub fn encode(key: &str, val: &[u8], req: u64) -> Vec<u8> {
     bincode::serialize(&Kv { key, val, req })
@@ -447,6 +488,39 @@ mod tests {
         let other = KvStore::new(tx);
         other.recover_from_snapshot(&snap).expect("recover");
         assert_eq!(*other.read(), *kvs.read());
+    }
+
+    /// The raft port's checks accept exactly what the store writes and can read back.
+    #[test]
+    fn payload_checks_accept_the_store_s_own_bytes_only() {
+        let p = encode("/k", b"v", 7);
+        assert_eq!(check_proposal(&p), Ok(()));
+        assert!(check_proposal(&p[..p.len() - 1]).is_err(), "cut short");
+        assert!(check_proposal(b"\xff\xff").is_err());
+
+        let (tx, _rx) = mpsc::channel(1);
+        let kvs = KvStore::new(tx);
+        assert_eq!(check_snapshot(&kvs.get_snapshot()), Ok(()), "an empty map");
+        kvs.write().insert("/a".into(), Bytes::from_static(b"1"));
+        kvs.write()
+            .insert("/b".into(), Bytes::from_static(&[0, 255]));
+        let snap = kvs.get_snapshot();
+        assert_eq!(check_snapshot(&snap), Ok(()));
+        assert!(
+            check_snapshot(&snap[..snap.len() - 1]).is_err(),
+            "cut short"
+        );
+        assert!(check_snapshot(b"").is_err(), "empty");
+        // A key that is not UTF-8 could not be loaded either.
+        let mut bad = snap.clone();
+        let at = bad.iter().position(|&b| b == b'/').expect("a key");
+        bad[at] = 0xff;
+        assert!(check_snapshot(&bad).is_err(), "a key that is not UTF-8");
+        assert!(
+            KvStore::new(mpsc::channel(1).0)
+                .recover_from_snapshot(&bad)
+                .is_err()
+        );
     }
 
     #[tokio::test]

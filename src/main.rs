@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use raftexample::cli::{Args, LogFormat};
-use raftexample::kvstore::KvStore;
+use raftexample::kvstore::{self, KvStore};
 use raftexample::raft_node::{self, NodeInputs};
 use raftexample::{http_server, httpapi};
 use tokio::net::TcpListener;
@@ -72,6 +72,11 @@ async fn run(args: Args) -> Result<(), String> {
     );
     let mut cfg = args.node_config()?;
     cfg.raft_server_limits = raft_limits;
+    // The raft port refuses entries and snapshots the store could not apply.
+    cfg.payload_checks = raft_node::PayloadChecks {
+        proposal: kvstore::check_proposal,
+        snapshot: kvstore::check_snapshot,
+    };
     let raft_addr = args.raft_listen_addr()?;
     let raft_listener = TcpListener::bind(&raft_addr).await.map_err(|e| {
         format!(

@@ -136,6 +136,13 @@ pub static PEER_RECONNECTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
         &["peer"],
     )
 });
+/// Raft messages from the network refused by `raft_node::guard`.
+pub static MESSAGES_REFUSED: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "raftexample_peer_messages_refused_total",
+        "Raft messages from the network dropped as invalid (the log says why).",
+    )
+});
 /// Key-value API requests, by method and status code.
 pub static HTTP_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(
@@ -164,6 +171,7 @@ pub fn render() -> String {
         &*PEER_SENT,
         &*PEER_DROPPED,
         &*PEER_RECONNECTS,
+        &*MESSAGES_REFUSED,
         &*HTTP_REQUESTS,
     );
     let mut buf = Vec::new();

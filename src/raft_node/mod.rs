@@ -22,6 +22,7 @@
 //! through messages into that loop: `RawNode` is not thread-safe and needs no lock this way.
 
 mod apply;
+pub mod guard;
 mod logger;
 mod node;
 mod proposals;
@@ -47,6 +48,7 @@ use crate::snap::SnapError;
 use crate::wal::WalError;
 
 pub use apply::{entries_to_apply, process_messages};
+pub use guard::PayloadChecks;
 pub use proposals::fresh_origin as random_u64;
 
 /// raftexample's cluster id, sent in `X-Etcd-Cluster-ID` (as hex: `1000`).
@@ -76,6 +78,9 @@ pub struct Config {
     pub tick_interval: Duration,
     /// Connection cap and header timeout of the raft port's server.
     pub raft_server_limits: crate::http_server::Limits,
+    /// How to recognise the application's proposals and snapshots, so that the raft port
+    /// refuses ones it could never apply (see [`guard`]). Accepts anything by default.
+    pub payload_checks: PayloadChecks,
 }
 
 impl Config {
@@ -90,6 +95,7 @@ impl Config {
             snapshot_catchup_entries: DEFAULT_SNAPSHOT_CATCHUP_ENTRIES,
             tick_interval: Duration::from_millis(100),
             raft_server_limits: crate::http_server::Limits::default(),
+            payload_checks: PayloadChecks::default(),
         }
     }
 
@@ -242,19 +248,44 @@ struct NodeHandle {
     reports: mpsc::UnboundedSender<Report>,
     /// Ids removed from the cluster; shared with the loop, which is the only writer.
     removed: Arc<RwLock<HashSet<u64>>>,
+    /// This node's id and the application's payload checks, for [`guard::check_message`].
+    id: u64,
+    checks: PayloadChecks,
 }
 
 impl rafthttp::Raft for NodeHandle {
     fn process(&self, m: Message) -> futures::future::BoxFuture<'static, Result<(), ProcessError>> {
-        if !well_formed(&m) {
-            tracing::warn!(from = m.from, kind = ?m.get_msg_type(), "dropped a malformed message");
-            return Box::pin(async { Ok(()) });
+        let refuse = |m: &Message, reason: String| {
+            tracing::warn!(from = m.from, kind = ?m.get_msg_type(), "dropped a raft message: {reason}");
+            crate::metrics::MESSAGES_REFUSED.inc();
+            ProcessError::Invalid(reason)
+        };
+        if let Err(reason) = guard::check_message(&m, self.id, &self.checks) {
+            let e = refuse(&m, reason);
+            return Box::pin(async { Err(e) });
         }
         let removed = self.is_id_removed(m.from);
         let mailbox = self.mailbox.clone();
+        let checks = self.checks;
         Box::pin(async move {
             if removed {
                 return Err(ProcessError::MemberRemoved);
+            }
+            if m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+                // Reads the whole payload: off the runtime's workers.
+                let (m_back, checked) = tokio::task::spawn_blocking(move || {
+                    let checked = guard::check_snapshot(&m.get_snapshot().data, &checks);
+                    (m, checked)
+                })
+                .await
+                .map_err(|_| ProcessError::Stopped)?;
+                if let Err(reason) = checked {
+                    return Err(refuse(&m_back, reason));
+                }
+                return mailbox
+                    .send(m_back)
+                    .await
+                    .map_err(|_| ProcessError::Stopped);
             }
             mailbox.send(m).await.map_err(|_| ProcessError::Stopped)
         })
@@ -287,17 +318,6 @@ pub struct NodeInputs {
     pub read_index_rx: mpsc::Receiver<ReadIndexRequest>,
 }
 
-/// Rejects messages whose shape raft-rs asserts on rather than checks (it trusts its peers):
-/// an empty proposal, or a ReadIndex request or answer without exactly one context entry.
-fn well_formed(m: &Message) -> bool {
-    use raft::eraftpb::MessageType::*;
-    match m.get_msg_type() {
-        MsgPropose => !m.entries.is_empty(),
-        MsgReadIndex | MsgReadIndexResp => m.entries.len() == 1,
-        _ => true,
-    }
-}
-
 /// Starts the raft node: replays its snapshot and WAL (or bootstraps a new cluster), serves the
 /// raft transport (and `/health`, `/status`, `/metrics`) on `raft_listener`, and runs the Ready
 /// loop on its own thread.
@@ -322,6 +342,8 @@ pub async fn start(
         mailbox: mailbox_tx,
         reports: report_tx,
         removed: removed.clone(),
+        id: cfg.id,
+        checks: cfg.payload_checks,
     });
     let transport = Transport::new(
         TransportConfig {
@@ -458,27 +480,5 @@ pub async fn start(
                 "the raft loop exited during start".into(),
             ))
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::well_formed;
-    use raft::eraftpb::{Entry, Message, MessageType};
-
-    #[test]
-    fn messages_raft_would_assert_on_are_malformed() {
-        let msg = |t: MessageType, n: usize| {
-            let mut m = Message::default();
-            m.set_msg_type(t);
-            m.set_entries(vec![Entry::default(); n].into());
-            m
-        };
-        assert!(!well_formed(&msg(MessageType::MsgPropose, 0)));
-        assert!(well_formed(&msg(MessageType::MsgPropose, 3)));
-        assert!(!well_formed(&msg(MessageType::MsgReadIndex, 0)));
-        assert!(!well_formed(&msg(MessageType::MsgReadIndexResp, 2)));
-        assert!(well_formed(&msg(MessageType::MsgReadIndex, 1)));
-        assert!(well_formed(&msg(MessageType::MsgHeartbeat, 0)));
     }
 }

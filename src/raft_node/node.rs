@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::proposals::{Proposer, Sessions};
 use super::read_index::Reads;
 use super::storage::RaftStorage;
-use super::{Commit, Config, GetSnapshot, NodeError, Report, logger, replay};
+use super::{Commit, Config, GetSnapshot, NodeError, Report, guard, logger, replay};
 use crate::kvstore::ReadIndexRequest;
 use crate::metrics;
 use crate::ops::NodeStatus;
@@ -438,27 +438,16 @@ impl RaftNode {
         }
     }
 
+    /// Steps a message from a peer (the transport already ran `guard::check_message`).
     fn step(&mut self, m: Message) {
-        // raft-rs trusts its peers and `fatal!`s on some impossible messages; the raft port is
-        // reachable by anyone who knows the cluster id, so refuse the obvious ones here.
-        if m.to != self.cfg.id {
-            tracing::warn!(
-                to = m.to,
-                from = m.from,
-                "dropped a message addressed to another node"
-            );
-            return;
-        }
-        if m.get_msg_type() == MessageType::MsgHeartbeat
-            && m.commit > self.node.raft.raft_log.last_index()
-            && m.term >= self.node.raft.term
-        {
-            // A leader only sends a commit its follower has; beyond our log it is forged.
-            tracing::warn!(
-                from = m.from,
-                commit = m.commit,
-                "dropped a heartbeat committing beyond our log"
-            );
+        let view = guard::NodeView {
+            members: &self.members,
+            term: self.node.raft.term,
+            last_index: self.node.raft.raft_log.last_index(),
+        };
+        if let Err(reason) = guard::check_against_state(&m, &view) {
+            tracing::warn!(from = m.from, kind = ?m.get_msg_type(), "dropped a raft message: {reason}");
+            metrics::MESSAGES_REFUSED.inc();
             return;
         }
         // raft-rs refuses local message types from the network and responses from unknown
@@ -650,9 +639,8 @@ impl RaftNode {
         //    else of this Ready (etcd#10219), then it replaces the log and the store's state.
         let received_snapshot = !rd.snapshot().is_empty();
         if received_snapshot {
+            // Its payload was checked on the way in (`guard`): it is one this node can load.
             let snap = rd.snapshot().clone();
-            // Refuse an unreadable payload before it reaches the disk, not after a restart.
-            super::apply::check_snapshot_payload(&snap)?;
             // One snapshot at a time in the directory and the WAL: finish our own first.
             self.finish_snapshot(true).await?;
             self.save_snap(&snap)?;

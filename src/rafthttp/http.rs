@@ -105,6 +105,7 @@ pub fn process_error(e: ProcessError) -> Response {
     match e {
         // etcdserver answers 403 for a removed sender; Go peers map it to errMemberRemoved.
         ProcessError::MemberRemoved => http_error(StatusCode::FORBIDDEN, "removed member"),
+        ProcessError::Invalid(_) => http_error(StatusCode::BAD_REQUEST, &e.to_string()),
         ProcessError::Stopped => http_error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "error processing raft message",

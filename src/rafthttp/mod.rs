@@ -92,6 +92,9 @@ pub enum ProcessError {
     /// The raft node has stopped.
     #[error("raft node stopped")]
     Stopped,
+    /// The message is not one a correct peer sends (answered 400 with the reason).
+    #[error("invalid raft message: {0}")]
+    Invalid(String),
 }
 
 /// Who this transport is.

@@ -161,7 +161,7 @@ impl ReaderCtx {
                         match self.shared.raft.process(m).await {
                             Ok(()) => {}
                             Err(ProcessError::Stopped) => return ReadError::Stopped,
-                            Err(e @ ProcessError::MemberRemoved) => {
+                            Err(e @ (ProcessError::MemberRemoved | ProcessError::Invalid(_))) => {
                                 tracing::debug!(peer = %format_args!("{:x}", self.peer), error = %e, "raft refused a message");
                             }
                         }

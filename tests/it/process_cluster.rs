@@ -99,15 +99,9 @@ async fn full_restart_keeps_every_key() {
     wait_everywhere(&mut c, "/after-sigterm", "yes").await;
 }
 
-/// Messages that raft-rs would `fatal!` on, posted to the raft port by anyone who knows the
-/// cluster id, are dropped: the node keeps serving.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forged_raft_messages_do_not_stop_a_node() {
+/// Posts one raft message to a node's pipeline path, as a peer would.
+async fn post_raft(raft_url: &str, m: &raft::eraftpb::Message) -> crate::support::Reply {
     use protobuf::Message as _;
-    use raft::eraftpb::{Message, MessageType};
-    let mut c = ProcessCluster::start(3, &[]);
-    put(&mut c, 1, "/before", "1").await;
-    wait_everywhere(&mut c, "/before", "1").await;
     let headers = [
         ("X-Etcd-Cluster-ID", "1000"),
         ("X-Server-Version", "3.4.23"),
@@ -115,27 +109,147 @@ async fn forged_raft_messages_do_not_stop_a_node() {
         ("X-Server-From", "2"),
         ("Content-Type", "application/protobuf"),
     ];
-    let forged = |t: MessageType, to: u64, term: u64, commit: u64| {
+    let body = m.write_to_bytes().expect("encode");
+    crate::support::http_with_headers("POST", &format!("{raft_url}/raft"), &body, &headers)
+        .await
+        .expect("answered")
+}
+
+/// Anyone who knows the cluster id (`1000`, the same in every raftexample cluster) can post to
+/// the raft port. A forged append that continues node 1's log at a higher term, with data this
+/// program cannot apply, would be stored by raft-rs: the node would stop at that entry, and so
+/// would every restart. Such appends, and the messages raft-rs panics on, are refused; node 1
+/// keeps serving and restarts with every write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_raft_messages_are_refused_and_never_reach_the_wal() {
+    use raft::eraftpb::{Entry, EntryType, Message, MessageType};
+    let mut c = ProcessCluster::start(3, &[]);
+    put(&mut c, 1, "/before", "1").await;
+    wait_everywhere(&mut c, "/before", "1").await;
+    let raft1 = c.peers[0].clone();
+    // Node 1's term and the end of its log, once it has applied all it has.
+    let status_url = format!("{raft1}/status");
+    let (term, last) = poll_until(T, "node 1 to settle", || async {
+        let r = http("GET", &status_url, b"").await.ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&r.body).ok()?;
+        let (commit, applied) = (v["commit"].as_u64()?, v["applied"].as_u64()?);
+        (commit == applied && v["leader"].as_u64()? != 0).then_some((v["term"].as_u64()?, commit))
+    })
+    .await;
+
+    let msg = |t: MessageType, from: u64, term: u64| {
         let mut m = Message::default();
         m.set_msg_type(t);
-        m.to = to;
-        m.from = 2;
+        m.to = 1;
+        m.from = from;
         m.term = term;
-        m.commit = commit;
-        m.write_to_bytes().expect("encode")
+        m
     };
-    for body in [
-        forged(MessageType::MsgHeartbeat, 1, 1 << 40, u64::MAX),
-        forged(MessageType::MsgAppend, 7, 1 << 40, 5),
-        forged(MessageType::MsgPropose, 1, 0, 0),
-    ] {
-        let url = format!("{}/raft", c.peers[0]);
-        let r = crate::support::http_with_headers("POST", &url, &body, &headers)
-            .await
-            .expect("answered");
-        assert!(r.status < 500, "{r:?}");
+    let entry = |index: u64, kind: EntryType, data: Vec<u8>| {
+        let mut e = Entry {
+            index,
+            term: term + 1,
+            data: data.into(),
+            ..Default::default()
+        };
+        e.set_entry_type(kind);
+        e
+    };
+    // A new leader "2" at the next term, continuing node 1's log and committing the entry.
+    let append = |e: Entry| {
+        let mut m = msg(MessageType::MsgAppend, 2, term + 1);
+        m.index = last;
+        m.log_term = term;
+        m.commit = e.index;
+        m.set_entries(vec![e].into());
+        m
+    };
+    let with_header = |payload: &[u8]| [&[7u8; 16][..], payload].concat();
+    let valid = with_header(&raftexample::kvstore::encode("/forged", b"x", 0));
+    let mut snapshot = msg(MessageType::MsgSnapshot, 2, term + 1);
+    snapshot.mut_snapshot().mut_metadata().index = last + 10;
+    let refused_at_the_door = [
+        (
+            "no session header",
+            append(entry(last + 1, EntryType::EntryNormal, b"garbage".to_vec())),
+        ),
+        (
+            "a payload the store cannot apply",
+            append(entry(
+                last + 1,
+                EntryType::EntryNormal,
+                with_header(b"\xff\xff"),
+            )),
+        ),
+        (
+            "not a conf change",
+            append(entry(last + 1, EntryType::EntryConfChange, vec![0xff; 4])),
+        ),
+        (
+            "a gap in the log",
+            append(entry(last + 3, EntryType::EntryNormal, valid.clone())),
+        ),
+        ("a proposal of garbage", {
+            let mut m = msg(MessageType::MsgPropose, 2, 0);
+            m.set_entries(vec![entry(0, EntryType::EntryNormal, b"junk".to_vec())].into());
+            m
+        }),
+        ("a snapshot of term 0", snapshot),
+        (
+            "a term no cluster reaches",
+            msg(MessageType::MsgHeartbeat, 2, u64::MAX),
+        ),
+        (
+            "sent from node 1 itself",
+            msg(MessageType::MsgHeartbeat, 1, term),
+        ),
+    ];
+    for (what, m) in &refused_at_the_door {
+        let r = post_raft(&raft1, m).await;
+        let body = String::from_utf8_lossy(&r.body);
+        assert_eq!(r.status, 400, "{what}: {body}");
+        assert!(body.contains("invalid raft message"), "{what}: {body}");
     }
+    // These pass the door and are dropped by the loop, which knows the node's state.
+    let mut beyond = msg(MessageType::MsgHeartbeat, 2, term + 1);
+    beyond.commit = last + 1000;
+    let mut ack = msg(MessageType::MsgAppendResponse, 2, term);
+    ack.index = last + 1000;
+    let refused_by_the_loop = [
+        ("a commit beyond the log", beyond),
+        ("an acknowledgement beyond the log", ack),
+        (
+            "from a stranger",
+            msg(MessageType::MsgHeartbeat, 9, term + 1),
+        ),
+    ];
+    for (what, m) in &refused_by_the_loop {
+        let r = post_raft(&raft1, m).await;
+        assert_eq!(
+            r.status,
+            204,
+            "{what}: {:?}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    let refusals = (refused_at_the_door.len() + refused_by_the_loop.len()) as f64;
+    poll_until(T, "node 1 to count every refusal", || async {
+        (crate::support::metric(&raft1, "raftexample_peer_messages_refused_total").await
+            >= refusals)
+            .then_some(())
+    })
+    .await;
+
+    assert!(c.node(1).is_running(), "node 1 still runs");
     put(&mut c, 1, "/after", "2").await;
     wait_everywhere(&mut c, "/after", "2").await;
-    assert!(c.node(1).is_running(), "node 1 still runs");
+    // Nothing forged reached the WAL: node 1 restarts from it with both writes.
+    c.node(1).kill9();
+    c.node(1).start();
+    wait_for_value(&c.node(1).url("/before"), b"1", T).await;
+    wait_for_value(&c.node(1).url("/after"), b"2", T).await;
+    let r = http("GET", &c.node(1).url("/forged"), b"")
+        .await
+        .expect("GET");
+    assert_eq!(r.status, 404, "no forged key");
 }
