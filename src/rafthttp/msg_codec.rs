@@ -22,6 +22,18 @@ use raft::eraftpb::Message;
 /// etcd's `readBytesLimit`: a frame claiming more than this ends the stream.
 pub const MAX_FRAME_BYTES: u64 = 512 * 1024 * 1024;
 
+/// The most a reader reserves ahead of the bytes that arrived. A frame's length is a claim:
+/// a peer that announces 512 MiB and then stalls must not pin that much per connection. Every
+/// real message (at most about 1 MiB of entries) is within it, so those still take one
+/// allocation; a larger frame grows as its bytes come.
+pub const MAX_RESERVE_AHEAD: usize = 4 * 1024 * 1024;
+
+/// Makes room in `buf` for a frame of `need` bytes (a [`Decoded::NeedMore`]), reserving at
+/// most [`MAX_RESERVE_AHEAD`] beyond what it holds.
+pub fn reserve_for_frame(buf: &mut BytesMut, need: usize) {
+    buf.reserve(need.saturating_sub(buf.len()).min(MAX_RESERVE_AHEAD));
+}
+
 /// Why a frame could not be encoded or decoded.
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
@@ -165,6 +177,23 @@ pub fn decode_all(dec: &mut dyn Decoder, bytes: &[u8]) -> Result<Vec<Message>, C
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_claimed_frame_length_reserves_a_bounded_amount() {
+        let mut buf = super::BytesMut::from(&b"12345678"[..]);
+        super::reserve_for_frame(&mut buf, 512 * 1024 * 1024);
+        assert!(
+            buf.capacity() <= 8 + super::MAX_RESERVE_AHEAD,
+            "{}",
+            buf.capacity()
+        );
+        let mut small = super::BytesMut::new();
+        super::reserve_for_frame(&mut small, 100_000);
+        assert!(
+            small.capacity() >= 100_000,
+            "a real frame gets its room at once"
+        );
+    }
+
     use super::*;
     use crate::rafthttp::codec_test_util::arb_message;
     use crate::rafthttp::util::is_link_heartbeat;

@@ -130,7 +130,7 @@ async fn receive_checked(
         match dec.decode(&mut buf) {
             Ok(Decoded::Message(m)) => break m,
             Ok(Decoded::NeedMore(n)) => {
-                buf.reserve(n.saturating_sub(buf.len()));
+                super::msg_codec::reserve_for_frame(&mut buf, n);
                 match next_chunk(&mut body).await? {
                     Some(c) => {
                         received += c.len() as u64;

@@ -167,8 +167,8 @@ impl ReaderCtx {
                         }
                     }
                     Ok(Decoded::NeedMore(n)) => {
-                        // Grow once to the whole frame rather than chunk by chunk.
-                        buf.reserve(n.saturating_sub(buf.len()));
+                        // Grow once to the whole frame (up to a bound) rather than chunk by chunk.
+                        super::msg_codec::reserve_for_frame(&mut buf, n);
                         break;
                     }
                     Err(e) => return e.into(),
