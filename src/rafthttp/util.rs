@@ -147,8 +147,9 @@ pub fn new_client() -> HttpClient {
         .build(conn)
 }
 
-/// A request to `base` + `path` carrying the headers every raft request has
-/// (etcd `createPostRequest` and the stream `dial`).
+/// A request to `path` at the scheme and host of the peer URL `base`, carrying the headers
+/// every raft request has (etcd `createPostRequest` and the stream `dial`). As in etcd, a path
+/// in the peer URL is replaced, so `http://host:port/` works like `http://host:port`.
 pub fn raft_request(
     method: Method,
     base: &str,
@@ -156,13 +157,20 @@ pub fn raft_request(
     from_hex: &str,
     cluster_hex: &str,
 ) -> Result<axum::http::request::Builder, TransportError> {
-    let url = format!("{base}{path}");
-    let uri: Uri = url
-        .parse()
-        .map_err(|e: InvalidUri| TransportError::BadUrl {
-            url: url.clone(),
-            reason: e.to_string(),
-        })?;
+    let bad = |e: &dyn std::fmt::Display| TransportError::BadUrl {
+        url: base.to_owned(),
+        reason: e.to_string(),
+    };
+    let peer: Uri = base.parse().map_err(|e: InvalidUri| bad(&e))?;
+    let (Some(scheme), Some(authority)) = (peer.scheme(), peer.authority()) else {
+        return Err(bad(&"not an absolute http://host:port URL"));
+    };
+    let uri = Uri::builder()
+        .scheme(scheme.clone())
+        .authority(authority.clone())
+        .path_and_query(path)
+        .build()
+        .map_err(|e| bad(&e))?;
     Ok(Request::builder()
         .method(method)
         .uri(uri)
@@ -260,6 +268,25 @@ pub fn full_body(b: impl Into<Bytes>) -> ReqBody {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_path_in_the_peer_url_is_replaced() {
+        for base in [
+            "http://10.0.0.1:2380",
+            "http://10.0.0.1:2380/",
+            "http://10.0.0.1:2380/x/y",
+        ] {
+            let req = super::raft_request(super::Method::POST, base, "/raft", "1", "1000")
+                .expect("valid")
+                .body(())
+                .expect("request");
+            assert_eq!(req.uri().to_string(), "http://10.0.0.1:2380/raft", "{base}");
+        }
+        assert!(
+            super::raft_request(super::Method::POST, "10.0.0.1:2380", "/raft", "1", "1000")
+                .is_err()
+        );
+    }
+
     use super::*;
     use axum::http::HeaderValue;
 
