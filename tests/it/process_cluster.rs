@@ -166,8 +166,25 @@ async fn forged_raft_messages_are_refused_and_never_reach_the_wal() {
     };
     let with_header = |payload: &[u8]| [&[7u8; 16][..], payload].concat();
     let valid = with_header(&raftexample::kvstore::encode("/forged", b"x", 0));
-    let mut snapshot = msg(MessageType::MsgSnapshot, 2, term + 1);
-    snapshot.mut_snapshot().mut_metadata().index = last + 10;
+    // Snapshots from a new leader "2", far ahead of node 1.
+    let snapshot = |meta_term: u64, data: Vec<u8>| {
+        let mut m = msg(MessageType::MsgSnapshot, 2, term + 1);
+        let s = m.mut_snapshot();
+        s.data = data.into();
+        let meta = s.mut_metadata();
+        meta.index = last + 10;
+        meta.term = meta_term;
+        meta.mut_conf_state().voters = vec![1, 2, 3];
+        m
+    };
+    // The raft node's part of a snapshot payload, wrapping `store` as the store's part.
+    let snapshot_data = |store: &[u8]| {
+        let none = std::collections::BTreeMap::<u64, u64>::new();
+        let members = std::collections::BTreeMap::<u64, String>::new();
+        let removed = std::collections::BTreeSet::<u64>::new();
+        bincode::serialize(&(members, removed, none, serde_bytes::Bytes::new(store)))
+            .expect("encode")
+    };
     let refused_at_the_door = [
         (
             "no session header",
@@ -194,7 +211,15 @@ async fn forged_raft_messages_are_refused_and_never_reach_the_wal() {
             m.set_entries(vec![entry(0, EntryType::EntryNormal, b"junk".to_vec())].into());
             m
         }),
-        ("a snapshot of term 0", snapshot),
+        ("a snapshot of term 0", snapshot(0, snapshot_data(&[0; 8]))),
+        (
+            "a snapshot that is not ours",
+            snapshot(term + 1, b"junk".to_vec()),
+        ),
+        (
+            "a snapshot the store cannot load",
+            snapshot(term + 1, snapshot_data(&[0xff; 12])),
+        ),
         (
             "a term no cluster reaches",
             msg(MessageType::MsgHeartbeat, 2, u64::MAX),
