@@ -168,6 +168,30 @@ pub fn check_snapshot(data: &[u8], checks: &PayloadChecks) -> Result<(), String>
     (checks.snapshot)(kv).map_err(|reason| format!("the store's part of the snapshot: {reason}"))
 }
 
+/// Records a refused message: counted in `raftexample_peer_messages_refused_total`, and logged
+/// at most once a second (a misdirected peer may send hundreds a second; the next warning
+/// says how many were not logged).
+pub fn refused(m: &Message, reason: &str) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST_WARNED_SEC: AtomicU64 = AtomicU64::new(0);
+    static NOT_LOGGED: AtomicU64 = AtomicU64::new(0);
+    crate::metrics::MESSAGES_REFUSED.inc();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if LAST_WARNED_SEC.swap(now, Ordering::Relaxed) == now {
+        NOT_LOGGED.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let not_logged = NOT_LOGGED.swap(0, Ordering::Relaxed);
+    tracing::warn!(
+        from = %format_args!("{:x}", m.from),
+        kind = ?m.get_msg_type(),
+        not_logged,
+        "dropped a raft message: {reason}"
+    );
+}
+
 /// What the raft loop knows that the checks need.
 pub struct NodeView<'a> {
     /// Members with their URLs, this node included.

@@ -256,8 +256,7 @@ struct NodeHandle {
 impl rafthttp::Raft for NodeHandle {
     fn process(&self, m: Message) -> futures::future::BoxFuture<'static, Result<(), ProcessError>> {
         let refuse = |m: &Message, reason: String| {
-            tracing::warn!(from = m.from, kind = ?m.get_msg_type(), "dropped a raft message: {reason}");
-            crate::metrics::MESSAGES_REFUSED.inc();
+            guard::refused(m, &reason);
             ProcessError::Invalid(reason)
         };
         if let Err(reason) = guard::check_message(&m, self.id, &self.checks) {

@@ -446,8 +446,7 @@ impl RaftNode {
             last_index: self.node.raft.raft_log.last_index(),
         };
         if let Err(reason) = guard::check_against_state(&m, &view) {
-            tracing::warn!(from = m.from, kind = ?m.get_msg_type(), "dropped a raft message: {reason}");
-            metrics::MESSAGES_REFUSED.inc();
+            guard::refused(&m, &reason);
             return;
         }
         // raft-rs refuses local message types from the network and responses from unknown
