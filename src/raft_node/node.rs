@@ -441,7 +441,6 @@ impl RaftNode {
     /// Steps a message from a peer (the transport already ran `guard::check_message`).
     fn step(&mut self, m: Message) {
         let view = guard::NodeView {
-            members: &self.members,
             term: self.node.raft.term,
             last_index: self.node.raft.raft_log.last_index(),
         };
