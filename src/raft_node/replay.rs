@@ -79,17 +79,24 @@ pub(super) fn open_or_bootstrap(
     let mut wal = Wal::open(&wal_dir, &walsnap)?;
     let (_metadata, hs, ents) = wal.read_all()?;
 
+    let last_index = ents.last().map_or(walsnap.index, |e| e.index);
+    if hs.commit > last_index {
+        // raft-rs would panic on it; say what is wrong instead.
+        return Err(crate::wal::WalError::CommitBeyondEntries {
+            dir: wal_dir,
+            commit: hs.commit,
+            last_index,
+            snap_index: walsnap.index,
+        }
+        .into());
+    }
     let storage = RaftStorage::new();
     if let Some(snap) = &snapshot {
         storage.apply_snapshot(snap.clone())?;
     }
     let hs = (hs != HardState::default()).then_some(hs);
     storage.append(&ents, hs.as_ref())?;
-    tracing::info!(
-        entries = ents.len(),
-        last_index = ents.last().map_or(walsnap.index, |e| e.index),
-        "replayed WAL"
-    );
+    tracing::info!(entries = ents.len(), last_index, "replayed WAL");
     Ok(Replayed {
         storage,
         wal,
@@ -153,6 +160,49 @@ fn create_private_dir(dir: &std::path::Path) -> Result<(), NodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A follower installed a snapshot at index 10 (marker, then commit 10) after entries 1..3;
+    /// its snapshot file is then lost. Start-up falls back to no snapshot and finds the commit
+    /// beyond the entries: a clear WAL error, not a raft-rs panic.
+    #[test]
+    fn a_commit_beyond_the_replayed_entries_is_a_clear_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cfg = Config::new(1, vec!["http://127.0.0.1:1".into()]);
+        cfg.data_dir = dir.path().to_path_buf();
+        let snapshotter = Snapshotter::new(cfg.snap_dir());
+        let replayed = open_or_bootstrap(&cfg, &snapshotter).expect("bootstrap");
+        let mut wal = replayed.wal;
+        let ents: Vec<Entry> = (2..=3)
+            .map(|index| Entry {
+                index,
+                term: 1,
+                ..Default::default()
+            })
+            .collect();
+        let hs = |commit| HardState {
+            term: 2,
+            commit,
+            ..Default::default()
+        };
+        wal.save(&hs(3), &ents).expect("save");
+        wal.save_snapshot(&WalSnapshot {
+            index: 10,
+            term: 2,
+            conf_state: None,
+        })
+        .expect("marker");
+        wal.save(&hs(10), &[]).expect("commit");
+        wal.close().expect("close");
+
+        let err = open_or_bootstrap(&cfg, &snapshotter)
+            .err()
+            .expect("refuses to start");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("commits index 10") && msg.contains("end at 3"),
+            "{msg}"
+        );
+    }
 
     #[test]
     fn bootstrap_writes_one_committed_add_node_per_member() {

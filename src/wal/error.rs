@@ -146,6 +146,25 @@ pub enum WalError {
         snap_index: u64,
     },
 
+    /// The hard state commits beyond the entries replayed: the log was compacted into a
+    /// snapshot whose file is missing or unreadable, so start-up fell back to an older one.
+    #[error(
+        "wal: {dir} commits index {commit} but its entries after snapshot index {snap_index} \
+         end at {last_index}; the snapshot file the log was compacted into is missing or \
+         unreadable (look in the -snap directory for .broken files); {hint}",
+        hint = RECOVERY_HINT
+    )]
+    CommitBeyondEntries {
+        /// The WAL directory.
+        dir: PathBuf,
+        /// The commit index in the last hard state.
+        commit: u64,
+        /// The last entry's index (or the snapshot's, if none follow it).
+        last_index: u64,
+        /// Index of the snapshot the WAL was opened at.
+        snap_index: u64,
+    },
+
     /// `save`/`save_snapshot` before `read_all` on an opened WAL.
     #[error("wal: read_all must be called on an opened WAL before appending to it")]
     NotRead,

@@ -261,7 +261,9 @@ pub fn classify_tail(
         {
             let off = base + pos as u64;
             return corrupt(&format!(
-                "intact records follow at byte offset {off}, so acknowledged data would be lost"
+                "intact records follow at byte offset {off}: this is not a torn final write, and \
+                 cutting here could drop acknowledged entries (a disk that reordered unsynced \
+                 writes in a power cut looks the same)"
             ));
         }
         pos += FRAME_HEADER as usize;
