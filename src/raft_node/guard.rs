@@ -73,7 +73,20 @@ pub fn check_message(m: &Message, me: u64, checks: &PayloadChecks) -> Result<(),
     if m.term > MAX_TERM {
         return Err(format!("term {} is beyond any real cluster's", m.term));
     }
+    // raft-rs takes a message without a term for a local one, and panics answering it.
+    if m.term == 0 && !matches!(m.get_msg_type(), MsgPropose | MsgReadIndex) {
+        return Err(format!("a {:?} without a term", m.get_msg_type()));
+    }
     match m.get_msg_type() {
+        // A follower forwards these to its leader as they came, and raft-rs panics when one it
+        // forwards carries a term (correct peers send them with term 0). This program never
+        // sends a leadership transfer request to a peer: a leader transfers on its own.
+        MsgPropose | MsgReadIndex if m.term != 0 => Err(format!(
+            "a forwarded {:?} carrying term {} (peers send it without one)",
+            m.get_msg_type(),
+            m.term
+        )),
+        MsgTransferLeader => Err("a leadership transfer request from a peer".into()),
         // raft-rs asserts that a proposal has entries and that read requests carry exactly one
         // context; a leader appends proposed entries to its log, so their payloads must be ours.
         MsgPropose if m.entries.is_empty() => Err("a proposal without entries".into()),
@@ -107,6 +120,11 @@ pub fn check_message(m: &Message, me: u64, checks: &PayloadChecks) -> Result<(),
 /// decrease and never exceed the sender's term (the log's invariants: raft-rs panics on a gap or
 /// on a conflict with a committed entry, and would store anything else as it came).
 fn check_append(m: &Message, checks: &PayloadChecks) -> Result<(), String> {
+    // Every entry has a term of at least 1. raft-rs reads the term of an index beyond its log
+    // as 0, so an append "after" such an index with term 0 would leave a gap in the log.
+    if m.index > 0 && m.log_term == 0 {
+        return Err(format!("an append after index {} of term 0", m.index));
+    }
     if m.log_term > m.term {
         return Err(format!(
             "an append after an entry of term {} sent at term {}",
@@ -125,7 +143,7 @@ fn check_append(m: &Message, checks: &PayloadChecks) -> Result<(), String> {
                 e.index
             ));
         }
-        if e.term < prev_term || e.term > m.term {
+        if e.term == 0 || e.term < prev_term || e.term > m.term {
             return Err(format!(
                 "entry {} has term {}, outside {prev_term}..={}",
                 e.index, e.term, m.term
@@ -194,6 +212,8 @@ pub fn refused(m: &Message, reason: &str) {
 pub struct NodeView {
     /// This node's current term.
     pub term: u64,
+    /// The commit index, and the term of the entry there (0 if unknown).
+    pub committed: (u64, u64),
     /// The index of the last entry in this node's log.
     pub last_index: u64,
 }
@@ -225,6 +245,20 @@ pub fn check_against_state(m: &Message, node: &NodeView) -> Result<(), String> {
                 "an acknowledgement of index {} beyond this log's end {}",
                 m.index, node.last_index
             ))
+        }
+        // raft-rs installs a snapshot at exactly the commit index even when its term differs
+        // from the committed entry's (etcd refuses any snapshot at or below the commit): that
+        // rewrites a committed entry, or fails against the snapshot already installed there.
+        MessageType::MsgSnapshot => {
+            let meta = m.get_snapshot().get_metadata();
+            let (index, term) = node.committed;
+            if meta.index == index && meta.term != term {
+                return Err(format!(
+                    "a snapshot at the commit index {index} with term {} instead of {term}",
+                    meta.term
+                ));
+            }
+            Ok(())
         }
         _ => Ok(()),
     }
@@ -332,6 +366,11 @@ mod tests {
             "a term above the sender's",
         );
         refused(append(10, 6, vec![]), "a previous term above the sender's");
+        refused(append(10, 0, vec![]), "a previous entry of term 0");
+        refused(
+            append(0, 0, vec![entry(1, 0, proposal(b"ok"))]),
+            "an entry of term 0",
+        );
         refused(
             append(10, 3, vec![entry(11, 3, b"short".to_vec())]),
             "no session header",
@@ -372,14 +411,28 @@ mod tests {
     #[test]
     fn proposals_reads_and_snapshots_raft_would_assert_on_are_refused() {
         let mut p = msg(MessageType::MsgPropose);
+        p.set_entries(vec![entry(0, 0, proposal(b"ok"))].into());
+        assert!(
+            check(&p).is_err(),
+            "a proposal with a term would be forwarded with it"
+        );
+        p.term = 0;
+        p.set_entries(Vec::new().into());
         assert!(check(&p).is_err(), "a proposal without entries");
         p.set_entries(vec![entry(0, 0, proposal(b"ok"))].into());
         assert_eq!(check(&p), Ok(()));
         p.set_entries(vec![entry(0, 0, proposal(b"no"))].into());
         assert!(check(&p).is_err(), "a proposal the store could not apply");
 
+        assert!(check(&msg(MessageType::MsgTransferLeader)).is_err());
         for t in [MessageType::MsgReadIndex, MessageType::MsgReadIndexResp] {
             let mut r = msg(t);
+            if t == MessageType::MsgReadIndex {
+                r.set_entries(vec![Entry::default()].into());
+                assert!(check(&r).is_err(), "a read request with a term");
+                r.term = 0;
+                r.set_entries(Vec::new().into());
+            }
             assert!(check(&r).is_err(), "{t:?} without a context");
             r.set_entries(vec![Entry::default()].into());
             assert_eq!(check(&r), Ok(()));
@@ -401,6 +454,7 @@ mod tests {
     fn the_node_state_refuses_claims_beyond_the_log() {
         let view = NodeView {
             term: 5,
+            committed: (18, 4),
             last_index: 20,
         };
         let mut hb = msg(MessageType::MsgHeartbeat);
@@ -422,5 +476,18 @@ mod tests {
         assert!(check_against_state(&ack, &view).is_err(), "ack beyond");
         ack.reject = true;
         assert_eq!(check_against_state(&ack, &view), Ok(()));
+
+        let mut snap = msg(MessageType::MsgSnapshot);
+        snap.mut_snapshot().mut_metadata().index = 18;
+        snap.mut_snapshot().mut_metadata().term = 3;
+        assert!(
+            check_against_state(&snap, &view).is_err(),
+            "rewrites entry 18"
+        );
+        snap.mut_snapshot().mut_metadata().term = 4;
+        assert_eq!(check_against_state(&snap, &view), Ok(()));
+        snap.mut_snapshot().mut_metadata().index = 19;
+        snap.mut_snapshot().mut_metadata().term = 5;
+        assert_eq!(check_against_state(&snap, &view), Ok(()));
     }
 }

@@ -23,6 +23,8 @@
 
 mod apply;
 pub mod guard;
+#[cfg(test)]
+mod guard_props;
 mod logger;
 mod node;
 mod proposals;
