@@ -138,7 +138,7 @@ fn payload() -> impl Strategy<Value = (EntryType, bytes::Bytes)> {
             Just(ConfChangeType::AddNode),
             Just(ConfChangeType::RemoveNode),
             Just(ConfChangeType::AddLearnerNode)
-        ], 1..6u64)
+        ], 0..6u64)
             .prop_map(|(k, id)| (EntryType::EntryConfChange, conf_change(k, id))),
         1 => Just((EntryType::EntryConfChange, bytes::Bytes::from_static(&[0xff; 3]))),
         1 => Just((EntryType::EntryConfChangeV2, bytes::Bytes::new())),
