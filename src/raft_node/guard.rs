@@ -92,7 +92,7 @@ pub fn check_message(m: &Message, me: u64, checks: &PayloadChecks) -> Result<(),
         MsgPropose if m.entries.is_empty() => Err("a proposal without entries".into()),
         MsgPropose => m.entries.iter().try_for_each(|e| check_entry(e, checks)),
         MsgReadIndex | MsgReadIndexResp if m.entries.len() != 1 => Err(format!(
-            "a read request with {} contexts instead of one",
+            "a read request or answer with {} contexts instead of one",
             m.entries.len()
         )),
         MsgAppend => check_append(m, checks),
@@ -220,13 +220,13 @@ pub struct NodeView {
 
 /// Checks what needs the node's state; run on the raft loop just before raft-rs steps `m`.
 ///
-/// # Errors
-///
-/// Why the message must be dropped.
-///
 /// The sender is not required to be a member (etcd does not either): a node that installed an
 /// older snapshot, or has not yet applied the `AddNode` of its new leader, must still accept
 /// that leader's appends to learn of it. Removed members are refused by the transport.
+///
+/// # Errors
+///
+/// Why the message must be dropped.
 pub fn check_against_state(m: &Message, node: &NodeView) -> Result<(), String> {
     match m.get_msg_type() {
         // A leader only sends a commit its follower has; raft-rs panics on one beyond its log.

@@ -272,22 +272,19 @@ impl rafthttp::Raft for NodeHandle {
             if removed {
                 return Err(ProcessError::MemberRemoved);
             }
-            if m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+            let m = if m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
                 // Reads the whole payload: off the runtime's workers.
-                let (m_back, checked) = tokio::task::spawn_blocking(move || {
+                let (m, checked) = tokio::task::spawn_blocking(move || {
                     let checked = guard::check_snapshot(&m.get_snapshot().data, &checks);
                     (m, checked)
                 })
                 .await
                 .map_err(|_| ProcessError::Stopped)?;
-                if let Err(reason) = checked {
-                    return Err(refuse(&m_back, reason));
-                }
-                return mailbox
-                    .send(m_back)
-                    .await
-                    .map_err(|_| ProcessError::Stopped);
-            }
+                checked.map_err(|reason| refuse(&m, reason))?;
+                m
+            } else {
+                m
+            };
             mailbox.send(m).await.map_err(|_| ProcessError::Stopped)
         })
     }
