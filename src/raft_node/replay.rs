@@ -141,16 +141,16 @@ fn bootstrap_entries(peers: &[String]) -> (HardState, Vec<Entry>, ConfState) {
     (hs, ents, cs)
 }
 
-/// Creates a data directory readable only by its owner and group (Go: `os.Mkdir(dir, 0750)`).
+/// Creates a data directory readable only by its owner and group (Go: `os.Mkdir(dir, 0750)`),
+/// and makes its entry durable: a power cut must not lose a directory that WAL records will
+/// point into.
 fn create_private_dir(dir: &std::path::Path) -> Result<(), NodeError> {
-    use std::os::unix::fs::DirBuilderExt;
+    use crate::fileutil;
     if dir.is_dir() {
         return Ok(());
     }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o750)
-        .create(dir)
+    fileutil::create_dir_all(dir)
+        .and_then(|()| fileutil::fsync_dir(fileutil::parent_dir(dir)))
         .map_err(|source| NodeError::Io {
             context: format!("cannot create the snapshot directory {}", dir.display()),
             source,
