@@ -21,8 +21,6 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use protobuf::Message as _;
-use raft::eraftpb::Message;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::http_server::Limits;
@@ -153,7 +151,7 @@ async fn pipeline_handler(State(tr): State<Transport>, headers: HeaderMap, body:
     let r = async {
         check_cluster_compat(&headers, &s.cluster_hex).map_err(compat_error)?;
         let b = read_body(&headers, body, MAX_PIPELINE_BYTES).await?;
-        let m = Message::parse_from_carllerche_bytes(&b).map_err(|e| {
+        let m = super::pb_bounds::parse_message(&b).map_err(|e| {
             tracing::warn!(error = %e, "failed to unmarshal raft message from pipeline");
             http_error(StatusCode::BAD_REQUEST, "error unmarshalling raft message")
         })?;

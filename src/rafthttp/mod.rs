@@ -46,6 +46,7 @@ use tokio_util::sync::CancellationToken;
 mod http;
 pub mod msg_codec;
 pub mod msgappv2_codec;
+mod pb_bounds;
 mod peer;
 mod peer_status;
 mod pipeline;

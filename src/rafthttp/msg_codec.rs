@@ -54,6 +54,16 @@ pub enum CodecError {
     /// An AppEntries frame would move the stream's running index past `u64::MAX`.
     #[error("msgappv2 frame moves the log index past its maximum")]
     IndexOverflow,
+    /// Decoding the frame would allocate too much (see `pb_bounds`).
+    #[error("a message with {count} {what} exceeds the limit of {limit}")]
+    TooManyElements {
+        /// What was counted.
+        what: &'static str,
+        /// How many the frame holds.
+        count: u64,
+        /// The limit.
+        limit: u64,
+    },
     /// The stream ended in the middle of a frame.
     #[error("stream ended inside a frame ({0} bytes of it received)")]
     Truncated(usize),
@@ -133,7 +143,7 @@ impl Decoder for MessageDecoder {
         buf.advance(8);
         // Freezing shares the receive buffer: entry payloads are not copied again.
         let pb = buf.split_to(total - 8).freeze();
-        Ok(Decoded::Message(Message::parse_from_carllerche_bytes(&pb)?))
+        Ok(Decoded::Message(super::pb_bounds::parse_message(&pb)?))
     }
 }
 

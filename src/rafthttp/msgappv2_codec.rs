@@ -153,6 +153,7 @@ impl MsgAppV2Decoder {
                         limit: self.limit,
                     });
                 }
+                super::pb_bounds::check_entries(n)?;
                 Scan { n, seen: 0, pos: 9 }
             }
         };
@@ -227,7 +228,7 @@ impl Decoder for MsgAppV2Decoder {
                 }
                 buf.advance(9);
                 let pb = buf.split_to(total - 9).freeze();
-                let m = Message::parse_from_carllerche_bytes(&pb)?;
+                let m = super::pb_bounds::parse_message(&pb)?;
                 self.term = m.term;
                 self.index = m.entries.last().map_or(m.index, |e| e.index);
                 Ok(Decoded::Message(m))

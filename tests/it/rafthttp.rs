@@ -429,7 +429,19 @@ async fn bad_requests_get_the_right_status_and_the_transport_keeps_working() {
         h
     };
     let stream_headers = with(good_headers("1"), "x-raft-to", "2");
+    // 2^18 + 1 empty entries: 512 KiB on the wire, 27 MB decoded (a 512 MiB body, 27 GB).
+    let entry_flood = [0x3a, 0x00].repeat((1 << 18) + 1);
     let cases: Vec<(Req, u16, &str)> = vec![
+        (
+            Req {
+                method: "POST",
+                path: "/raft",
+                headers: good_headers("1"),
+                body: entry_flood,
+            },
+            400,
+            "error unmarshalling raft message\n",
+        ),
         (
             Req {
                 method: "POST",
