@@ -22,7 +22,8 @@
 //! 2. [`raft_node`]: the Ready loop takes every waiting proposal and steps them into raft as one
 //!    `MsgPropose`. The next `Ready` carries the new entry: the leader sends it to the followers
 //!    through [`rafthttp`], writes it to the [`wal`] with one fsync, and appends it to the
-//!    in-memory log.
+//!    in-memory log. On each follower, [`raft_node::guard`] checks the append before raft sees
+//!    it (the raft port is open to anyone who knows the cluster id).
 //! 3. Once a quorum has it, the entry comes back in a `Ready`'s committed entries; the loop
 //!    publishes it on *commitC*.
 //! 4. [`kvstore`]: `read_commits` decodes it and sets `my-key = hello` in the map, where the
