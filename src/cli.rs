@@ -28,7 +28,7 @@ pub struct Args {
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true",
           action = ArgAction::Set, value_parser = parse_go_bool, default_value = "false")]
     pub join: bool,
-    /// Directory holding raftexample-<id> and raftexample-<id>-snap (created if missing).
+    /// Directory holding `raftexample-<id>` and `raftexample-<id>-snap` (created if missing).
     #[arg(long, default_value = ".")]
     pub data_dir: PathBuf,
     /// Take a snapshot and compact the log after this many applied entries.

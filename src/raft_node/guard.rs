@@ -173,7 +173,7 @@ fn check_entry(e: &Entry, checks: &PayloadChecks) -> Result<(), String> {
     }
 }
 
-/// Checks a snapshot's payload: the raft node's part ([`super::apply`]'s `SnapshotData`) and
+/// Checks a snapshot's payload: the raft node's part (`SnapshotData` in `apply.rs`) and
 /// the store's. Run off the raft loop: it reads the whole payload.
 ///
 /// # Errors
