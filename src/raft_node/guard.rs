@@ -218,6 +218,18 @@ pub struct NodeView {
     pub last_index: u64,
 }
 
+impl NodeView {
+    /// What `raft` knows now.
+    pub fn of<T: raft::Storage>(raft: &raft::Raft<T>) -> NodeView {
+        let log = &raft.raft_log;
+        NodeView {
+            term: raft.term,
+            committed: (log.committed, log.term(log.committed).unwrap_or(0)),
+            last_index: log.last_index(),
+        }
+    }
+}
+
 /// Checks what needs the node's state; run on the raft loop just before raft-rs steps `m`.
 ///
 /// The sender is not required to be a member (etcd does not either): a node that installed an

@@ -239,12 +239,7 @@ fn step_guarded(n: &mut RawNode<MemStorage>, msgs: Vec<Message>) -> Result<(), S
         if guard::check_message(&m, 1, &checks()).is_err() {
             continue;
         }
-        let log = &n.raft.raft_log;
-        let view = guard::NodeView {
-            term: n.raft.term,
-            committed: (log.committed, log.term(log.committed).unwrap_or(0)),
-            last_index: log.last_index(),
-        };
+        let view = guard::NodeView::of(&n.raft);
         if guard::check_against_state(&m, &view).is_err() {
             continue;
         }

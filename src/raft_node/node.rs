@@ -440,13 +440,7 @@ impl RaftNode {
 
     /// Steps a message from a peer (the transport already ran `guard::check_message`).
     fn step(&mut self, m: Message) {
-        let log = &self.node.raft.raft_log;
-        let view = guard::NodeView {
-            term: self.node.raft.term,
-            committed: (log.committed, log.term(log.committed).unwrap_or(0)),
-            last_index: log.last_index(),
-        };
-        if let Err(reason) = guard::check_against_state(&m, &view) {
+        if let Err(reason) = guard::check_against_state(&m, &guard::NodeView::of(&self.node.raft)) {
             guard::refused(&m, &reason);
             return;
         }

@@ -40,7 +40,7 @@
 
 use bytes::{Buf, BytesMut};
 use protobuf::Message as _;
-use raft::eraftpb::{Entry, Message, MessageType};
+use raft::eraftpb::{Message, MessageType};
 
 use super::msg_codec::{
     CodecError, Decoded, Decoder, Encoder, MAX_FRAME_BYTES, checked_total, read_u64, write_pb,
@@ -192,10 +192,11 @@ impl MsgAppV2Decoder {
         m.index = self.index;
         m.commit = commit;
         let mut pos = 9;
+        let mut budget = super::pb_bounds::Budget::new();
         for _ in 0..scan.n {
             let size = read_u64(&frame, pos).expect("invariant: scanned above") as usize;
             let entry = frame.slice(pos + 8..pos + 8 + size);
-            m.entries.push(Entry::parse_from_carllerche_bytes(&entry)?);
+            m.entries.push(budget.entry(&entry)?);
             pos += 8 + size;
         }
         // A peer cannot make the running index wrap: that would be garbage, not a frame.
@@ -244,6 +245,7 @@ mod tests {
     use crate::rafthttp::codec_test_util::{arb_entry, arb_message};
     use crate::rafthttp::msg_codec::decode_all;
     use proptest::prelude::*;
+    use raft::eraftpb::Entry;
 
     const LOCAL: u64 = 2;
     const REMOTE: u64 = 1;

@@ -1,58 +1,119 @@
 //! Bounds what decoding one raft message may allocate.
 //!
 //! A frame's byte limit (512 MiB, etcd's) does not bound the memory its decoding takes: an
-//! empty entry is 2 bytes on the wire and a 104-byte `Entry` in memory, and a member id in a
-//! snapshot's configuration 1 byte against 8. One request of empty entries would make a node
-//! allocate some 27 GB. So before decoding, a scan of the protobuf's framing counts what
-//! allocates: entries, and the bytes of every configuration. Real messages stay far below the
-//! limits: raft-rs puts at most 1 MiB of entries in a message, and every entry of this program
-//! is tens of bytes.
+//! empty entry is 2 bytes on the wire and a 104-byte `Entry` in memory, an unknown field 2
+//! bytes and a 24-byte vector (rust-protobuf keeps them), a member id in a snapshot's
+//! configuration 1 byte and 8. One request of empty entries made a node allocate some 27 GB.
+//! So before decoding, a scan of the protobuf's framing counts what allocates: fields at every
+//! level that is decoded, entries, and the bytes of every configuration. Real messages stay far
+//! below the limits: raft-rs puts at most 1 MiB of entries in a message, and every entry of
+//! this program is tens of bytes with four or five fields.
 
 use bytes::Bytes;
 use protobuf::Message as _;
-use raft::eraftpb::Message;
+use raft::eraftpb::{Entry, Message};
 
 use super::msg_codec::CodecError;
 
 /// The most entries one message may carry (27 MB of `Entry`s in memory).
 pub const MAX_ENTRIES: u64 = 1 << 18;
 
+/// The most fields one message may hold, counting those of its entries, snapshot and
+/// snapshot metadata (25 MB if every one were kept as an unknown field).
+pub const MAX_FIELDS: u64 = 1 << 20;
+
 /// The most bytes of snapshot configuration (member ids) one message may carry.
 pub const MAX_CONF_STATE_BYTES: u64 = 64 * 1024;
 
-// Field numbers in eraftpb.proto.
-const MESSAGE_ENTRIES: u64 = 7;
-const MESSAGE_SNAPSHOT: u64 = 9;
-const SNAPSHOT_METADATA: u64 = 2;
-const METADATA_CONF_STATE: u64 = 1;
+/// The messages whose fields the scan walks into (the ones decoding builds structs for; bytes
+/// fields are shared with the receive buffer, not copied).
+#[derive(Clone, Copy)]
+enum Kind {
+    Message,
+    Entry,
+    Snapshot,
+    SnapshotMetadata,
+}
+
+/// What decoding the frames seen so far will allocate, against the limits. One budget covers
+/// one message, however many pieces it arrives in (msgappv2 sends entries one by one).
+#[derive(Default)]
+pub struct Budget {
+    fields: u64,
+    entries: u64,
+    conf_state_bytes: u64,
+}
+
+impl Budget {
+    /// An unused budget.
+    pub fn new() -> Budget {
+        Budget::default()
+    }
+
+    /// Decodes a message if it fits the budget.
+    ///
+    /// # Errors
+    ///
+    /// [`CodecError::TooManyElements`] past a limit, [`CodecError::Protobuf`] if it does not
+    /// decode.
+    pub fn message(&mut self, pb: &Bytes) -> Result<Message, CodecError> {
+        self.scan(pb, Kind::Message)?;
+        Ok(Message::parse_from_carllerche_bytes(pb)?)
+    }
+
+    /// Decodes one entry (of a msgappv2 frame) if it fits the budget.
+    ///
+    /// # Errors
+    ///
+    /// As [`Budget::message`].
+    pub fn entry(&mut self, pb: &Bytes) -> Result<Entry, CodecError> {
+        self.add(Kind::Message, 7)?;
+        self.scan(pb, Kind::Entry)?;
+        Ok(Entry::parse_from_carllerche_bytes(pb)?)
+    }
+
+    /// Counts the fields of `buf`, a `kind`, and of the messages in it that decoding builds.
+    fn scan(&mut self, buf: &[u8], kind: Kind) -> Result<(), CodecError> {
+        for field in Fields(buf) {
+            let (number, payload) = field?;
+            self.add(kind, number)?;
+            match (kind, number, payload) {
+                (Kind::Message, 7, Some(entry)) => self.scan(entry, Kind::Entry)?,
+                (Kind::Message, 9, Some(snapshot)) => self.scan(snapshot, Kind::Snapshot)?,
+                (Kind::Snapshot, 2, Some(meta)) => self.scan(meta, Kind::SnapshotMetadata)?,
+                (Kind::SnapshotMetadata, 1, Some(conf_state)) => {
+                    self.conf_state_bytes += conf_state.len() as u64;
+                    over(
+                        "bytes of configuration",
+                        self.conf_state_bytes,
+                        MAX_CONF_STATE_BYTES,
+                    )?;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts one field `number` of a `kind`.
+    fn add(&mut self, kind: Kind, number: u64) -> Result<(), CodecError> {
+        self.fields += 1;
+        over("fields", self.fields, MAX_FIELDS)?;
+        if matches!(kind, Kind::Message) && number == 7 {
+            self.entries += 1;
+            check_entries(self.entries)?;
+        }
+        Ok(())
+    }
+}
 
 /// Decodes a message after checking that decoding it allocates a bounded amount.
 ///
 /// # Errors
 ///
-/// [`CodecError::TooManyElements`] past a limit, [`CodecError::Protobuf`] if it does not decode.
+/// As [`Budget::message`].
 pub fn parse_message(pb: &Bytes) -> Result<Message, CodecError> {
-    let mut entries = 0;
-    let mut conf_state_bytes = 0;
-    for field in Fields(pb) {
-        let (number, payload) = field?;
-        match (number, payload) {
-            (MESSAGE_ENTRIES, _) => entries += 1,
-            (MESSAGE_SNAPSHOT, Some(snapshot)) => {
-                conf_state_bytes += nested_len(snapshot, &[SNAPSHOT_METADATA, METADATA_CONF_STATE])?
-            }
-            _ => {}
-        }
-    }
-    check_entries(entries)?;
-    if conf_state_bytes > MAX_CONF_STATE_BYTES {
-        return Err(CodecError::TooManyElements {
-            what: "bytes of configuration",
-            count: conf_state_bytes,
-            limit: MAX_CONF_STATE_BYTES,
-        });
-    }
-    Ok(Message::parse_from_carllerche_bytes(pb)?)
+    Budget::new().message(pb)
 }
 
 /// Refuses a message of more than [`MAX_ENTRIES`] entries.
@@ -61,31 +122,14 @@ pub fn parse_message(pb: &Bytes) -> Result<Message, CodecError> {
 ///
 /// [`CodecError::TooManyElements`].
 pub fn check_entries(count: u64) -> Result<(), CodecError> {
-    if count > MAX_ENTRIES {
-        return Err(CodecError::TooManyElements {
-            what: "entries",
-            count,
-            limit: MAX_ENTRIES,
-        });
-    }
-    Ok(())
+    over("entries", count, MAX_ENTRIES)
 }
 
-/// The total length of the fields at `path` (field numbers, outermost first) inside `buf`,
-/// over every occurrence (protobuf merges repeated occurrences of a message field).
-fn nested_len(buf: &[u8], path: &[u64]) -> Result<u64, CodecError> {
-    let Some((&first, rest)) = path.split_first() else {
-        return Ok(buf.len() as u64);
-    };
-    let mut total = 0;
-    for field in Fields(buf) {
-        if let (number, Some(inner)) = field?
-            && number == first
-        {
-            total += nested_len(inner, rest)?;
-        }
+fn over(what: &'static str, count: u64, limit: u64) -> Result<(), CodecError> {
+    if count > limit {
+        return Err(CodecError::TooManyElements { what, count, limit });
     }
-    Ok(total)
+    Ok(())
 }
 
 /// The top-level fields of a protobuf: their numbers, and the payload of the length-delimited
@@ -227,6 +271,46 @@ mod tests {
             parse_message(&twice),
             Err(CodecError::TooManyElements { .. })
         ));
+    }
+
+    /// rust-protobuf keeps unknown fields: 2 bytes each on the wire, a vector each decoded.
+    #[test]
+    fn a_flood_of_unknown_fields_is_refused_at_every_level() {
+        // Empty length-delimited fields no message here has: 20 at the top, 15 in an entry.
+        let flood = |n: u64| [0xa2_u8, 0x01, 0x00].repeat(n as usize);
+        let entry_flood = |n: u64| [0x7a_u8, 0x00].repeat(n as usize);
+        let entry_with = |n: u64| {
+            let body = entry_flood(n);
+            let mut e = vec![0x3a];
+            let mut len = body.len() as u64;
+            while len >= 0x80 {
+                e.push((len as u8) | 0x80);
+                len >>= 7;
+            }
+            e.push(len as u8);
+            e.extend_from_slice(&body);
+            e
+        };
+        // Top level, and inside one entry.
+        for pb in [flood(MAX_FIELDS + 1), entry_with(MAX_FIELDS)] {
+            let err = parse_message(&Bytes::from(pb)).expect_err("too many fields");
+            assert!(
+                matches!(err, CodecError::TooManyElements { what: "fields", .. }),
+                "{err}"
+            );
+        }
+        assert!(
+            parse_message(&Bytes::from(flood(1000))).is_ok(),
+            "a few are fine"
+        );
+        // msgappv2 sends entries one by one: the budget spans them.
+        let mut budget = Budget::new();
+        let one = Bytes::from(entry_flood(MAX_FIELDS / 2));
+        assert!(budget.entry(&one).is_ok());
+        assert!(
+            budget.entry(&one).is_err(),
+            "the second half and the entries overflow"
+        );
     }
 
     #[test]

@@ -185,13 +185,14 @@ async fn forged_raft_messages_are_refused_and_never_reach_the_wal() {
         bincode::serialize(&(members, removed, none, serde_bytes::Bytes::new(store)))
             .expect("encode")
     };
+    // Each with the reason the answer must give.
     let refused_at_the_door = [
         (
             "no session header",
             append(entry(last + 1, EntryType::EntryNormal, b"garbage".to_vec())),
         ),
         (
-            "a payload the store cannot apply",
+            "not a key-value proposal",
             append(entry(
                 last + 1,
                 EntryType::EntryNormal,
@@ -199,33 +200,33 @@ async fn forged_raft_messages_are_refused_and_never_reach_the_wal() {
             )),
         ),
         (
-            "not a conf change",
+            "not a valid conf change",
             append(entry(last + 1, EntryType::EntryConfChange, vec![0xff; 4])),
         ),
         (
-            "a gap in the log",
+            "non-consecutive entries",
             append(entry(last + 3, EntryType::EntryNormal, valid.clone())),
         ),
-        ("a proposal of garbage", {
+        ("a proposal of 4 bytes has no session header", {
             let mut m = msg(MessageType::MsgPropose, 2, 0);
             m.set_entries(vec![entry(0, EntryType::EntryNormal, b"junk".to_vec())].into());
             m
         }),
-        ("a snapshot of term 0", snapshot(0, snapshot_data(&[0; 8]))),
+        ("neither can be 0", snapshot(0, snapshot_data(&[0; 8]))),
         (
-            "a snapshot that is not ours",
+            "not a raftexample snapshot",
             snapshot(term + 1, b"junk".to_vec()),
         ),
         (
-            "a snapshot the store cannot load",
+            "not a key-value snapshot",
             snapshot(term + 1, snapshot_data(&[0xff; 12])),
         ),
         (
-            "a term no cluster reaches",
+            "beyond any real cluster",
             msg(MessageType::MsgHeartbeat, 2, u64::MAX),
         ),
         (
-            "sent from node 1 itself",
+            "claims to come from node 1",
             msg(MessageType::MsgHeartbeat, 1, term),
         ),
     ];
@@ -234,6 +235,7 @@ async fn forged_raft_messages_are_refused_and_never_reach_the_wal() {
         let body = String::from_utf8_lossy(&r.body);
         assert_eq!(r.status, 400, "{what}: {body}");
         assert!(body.contains("invalid raft message"), "{what}: {body}");
+        assert!(body.contains(what), "{what}: {body}");
     }
     // These pass the door and are dropped by the loop, which knows the node's state.
     let mut beyond = msg(MessageType::MsgHeartbeat, 2, term + 1);
