@@ -256,13 +256,15 @@ struct NodeHandle {
 }
 
 impl rafthttp::Raft for NodeHandle {
-    fn process(&self, m: Message) -> futures::future::BoxFuture<'static, Result<(), ProcessError>> {
-        let refuse = |m: &Message, reason: String| {
+    fn check(&self, m: &Message) -> Result<(), ProcessError> {
+        guard::check_message(m, self.id, &self.checks).map_err(|reason| {
             guard::refused(m, &reason);
             ProcessError::Invalid(reason)
-        };
-        if let Err(reason) = guard::check_message(&m, self.id, &self.checks) {
-            let e = refuse(&m, reason);
+        })
+    }
+
+    fn process(&self, m: Message) -> futures::future::BoxFuture<'static, Result<(), ProcessError>> {
+        if let Err(e) = self.check(&m) {
             return Box::pin(async { Err(e) });
         }
         let removed = self.is_id_removed(m.from);
@@ -280,7 +282,10 @@ impl rafthttp::Raft for NodeHandle {
                 })
                 .await
                 .map_err(|_| ProcessError::Stopped)?;
-                checked.map_err(|reason| refuse(&m, reason))?;
+                checked.map_err(|reason| {
+                    guard::refused(&m, &reason);
+                    ProcessError::Invalid(reason)
+                })?;
                 m
             } else {
                 m

@@ -76,6 +76,11 @@ pub trait Raft: Send + Sync + 'static {
     /// Hands a received message to the node; resolves once the node's loop accepted
     /// it (bounded queue = backpressure).
     fn process(&self, m: Message) -> futures::future::BoxFuture<'static, Result<(), ProcessError>>;
+    /// Whether `m` would be refused by [`Raft::process`] for its shape alone; lets the
+    /// snapshot handler refuse before it reads the data.
+    fn check(&self, _m: &Message) -> Result<(), ProcessError> {
+        Ok(())
+    }
     /// Whether `id` was removed from the cluster (its streams get 410, posts 403).
     fn is_id_removed(&self, id: u64) -> bool;
     /// A message to `id` was lost; raft should slow down and probe.

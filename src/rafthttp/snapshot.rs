@@ -149,6 +149,8 @@ async fn receive_checked(
     if s.raft.is_id_removed(m.from) {
         return Err(http_error(StatusCode::FORBIDDEN, "removed member"));
     }
+    // Before reading up to a gigabyte of data.
+    s.raft.check(&m).map_err(process_error)?;
     // 2. The data, into one buffer of the declared size.
     // What the header took on the wire (Go writes zero fields that we would not).
     let head_len = received - buf.len() as u64;

@@ -237,6 +237,29 @@ async fn forged_raft_messages_are_refused_and_never_reach_the_wal() {
         assert!(body.contains("invalid raft message"), "{what}: {body}");
         assert!(body.contains(what), "{what}: {body}");
     }
+    // A snapshot whose header is refused is answered before its data is read: here the data
+    // announced never comes, and the answer must not wait for it.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let head = raftexample::rafthttp::msg_codec::encode_frame(&snapshot(0, Vec::new()))
+            .expect("frame");
+        let addr = raft1.trim_start_matches("http://");
+        let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let request = format!(
+            "POST /raft/snapshot HTTP/1.1\r\nHost: {addr}\r\nX-Etcd-Cluster-ID: 1000\r\n\
+             X-Server-Version: 3.4.23\r\nX-Min-Cluster-Version: 3.0.0\r\nX-Server-From: 2\r\n\
+             Content-Length: 1000000000\r\n\r\n"
+        );
+        conn.write_all(request.as_bytes()).await.expect("write");
+        conn.write_all(&head).await.expect("write");
+        let mut answer = vec![0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut answer))
+            .await
+            .expect("answered without the data")
+            .expect("read");
+        let answer = String::from_utf8_lossy(&answer[..n]);
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    }
     // These pass the door and are dropped by the loop, which knows the node's state.
     let mut beyond = msg(MessageType::MsgHeartbeat, 2, term + 1);
     beyond.commit = last + 1000;
