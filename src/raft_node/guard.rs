@@ -315,19 +315,9 @@ mod tests {
         m
     }
 
-    /// Accepts only payloads that start with `ok`.
-    fn picky() -> PayloadChecks {
-        fn check(b: &[u8]) -> Result<(), String> {
-            b.starts_with(b"ok").then_some(()).ok_or("not ok".into())
-        }
-        PayloadChecks {
-            proposal: check,
-            snapshot: check,
-        }
-    }
-
     fn check(m: &Message) -> Result<(), String> {
-        check_message(m, ME, &picky())
+        // Payloads must start with `ok`.
+        check_message(m, ME, &crate::raft_node::guard_props::checks())
     }
 
     #[test]

@@ -17,8 +17,8 @@ use raft::{RawNode, StateRole};
 use super::guard::{self, PayloadChecks};
 use super::proposals::HEADER_LEN;
 
-/// Payloads of the store in these tests: anything that starts with `ok`.
-fn checks() -> PayloadChecks {
+/// Payloads of the store in these tests (and `guard`'s): anything that starts with `ok`.
+pub(super) fn checks() -> PayloadChecks {
     fn ok(b: &[u8]) -> Result<(), String> {
         b.starts_with(b"ok").then_some(()).ok_or("not ok".into())
     }
