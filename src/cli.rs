@@ -41,6 +41,11 @@ pub struct Args {
     /// before it gets a 503, e.g. 5s, 500ms.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub request_timeout: std::time::Duration,
+    /// Keeps clusters apart, like etcd's --initial-cluster-token: peers started with another
+    /// token (or none) are refused with 412. Give every member the same token, including the
+    /// ones added later; without it the cluster id is raftexample's 1000, as in Go.
+    #[arg(long, value_parser = parse_cluster_token)]
+    pub cluster_token: Option<String>,
     /// Log format on stderr; the level comes from RUST_LOG (default: info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -83,6 +88,9 @@ impl Args {
         cfg.data_dir = self.data_dir.clone();
         cfg.snapshot_count = self.snapshot_count;
         cfg.snapshot_catchup_entries = self.snapshot_catchup_entries;
+        if let Some(token) = &self.cluster_token {
+            cfg.cluster_id = raft_node::cluster_id_for(token);
+        }
         Ok(cfg)
     }
 
@@ -130,6 +138,13 @@ fn go_style(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
         out.push(rewritten.unwrap_or(arg));
     }
     out
+}
+
+fn parse_cluster_token(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Err("must not be empty (leave the flag out for raftexample's cluster id)".into());
+    }
+    Ok(s.to_owned())
 }
 
 /// Parses a boolean as Go's `strconv.ParseBool` does (`-join=true`, `-join=0`, ...).
@@ -197,6 +212,21 @@ mod tests {
     fn try_parse(args: &[&str]) -> Result<Args, clap::Error> {
         let argv = std::iter::once("raftexample").chain(args.iter().copied());
         Args::try_parse_from(go_style(argv.map(OsString::from)))
+    }
+
+    #[test]
+    fn a_cluster_token_gives_the_cluster_its_own_id() {
+        let id = |args: &[&str]| parse(args).node_config().expect("config").cluster_id;
+        assert_eq!(id(&[]), raft_node::CLUSTER_ID, "Go's 1000 without a token");
+        let blue = id(&["--cluster-token", "blue"]);
+        assert_eq!(blue, raft_node::cluster_id_for("blue"));
+        assert_ne!(blue, raft_node::CLUSTER_ID);
+        assert_ne!(blue, id(&["--cluster-token", "green"]));
+        assert_eq!(blue, id(&["-cluster-token=blue"]), "Go's spelling too");
+        // Every build and platform must agree, or members built apart could not talk (the
+        // value is CRC-32C of "blue", and of it continued from 0x52414654, computed apart).
+        assert_eq!(raft_node::cluster_id_for("blue"), 0xcef4_35da_bd6b_686a);
+        assert!(try_parse(&["--cluster-token", ""]).is_err());
     }
 
     #[test]

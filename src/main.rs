@@ -77,6 +77,7 @@ async fn run(args: Args) -> Result<(), String> {
         proposal: kvstore::check_proposal,
         snapshot: kvstore::check_snapshot,
     };
+    let cluster_id = cfg.cluster_id;
     let raft_addr = args.raft_listen_addr()?;
     let raft_listener = TcpListener::bind(&raft_addr).await.map_err(|e| {
         format!(
@@ -136,7 +137,12 @@ async fn run(args: Args) -> Result<(), String> {
         kv_limits,
         http_stop.clone().cancelled_owned(),
     ));
-    tracing::info!(port = args.port, raft = %raft_addr, "serving");
+    tracing::info!(
+        port = args.port,
+        raft = %raft_addr,
+        cluster_id = %format_args!("{cluster_id:x}"),
+        "serving"
+    );
 
     // Run until the node stops by itself (an error, or removed from the cluster), or a signal.
     let outcome = tokio::select! {

@@ -55,6 +55,14 @@ pub use proposals::fresh_origin as random_u64;
 
 /// raftexample's cluster id, sent in `X-Etcd-Cluster-ID` (as hex: `1000`).
 pub const CLUSTER_ID: u64 = 0x1000;
+
+/// The cluster id for `--cluster-token`: a stable hash of the token, never 0 or [`CLUSTER_ID`].
+pub fn cluster_id_for(token: &str) -> u64 {
+    // Two CRC-32Cs (of the token, and of it salted) make 64 bits that every build agrees on.
+    let lo = u64::from(crc32c::crc32c(token.as_bytes()));
+    let hi = u64::from(crc32c::crc32c_append(0x5241_4654, token.as_bytes())); // "RAFT"
+    ((hi << 32) | lo).max(CLUSTER_ID + 1)
+}
 /// Take a snapshot once this many entries were applied since the last one (Go: `defaultSnapshotCount`).
 pub const DEFAULT_SNAPSHOT_COUNT: u64 = 10_000;
 /// Entries kept in memory after a snapshot so slow followers catch up from the log rather than
@@ -80,6 +88,8 @@ pub struct Config {
     pub tick_interval: Duration,
     /// Connection cap and header timeout of the raft port's server.
     pub raft_server_limits: crate::http_server::Limits,
+    /// Sent and required in `X-Etcd-Cluster-ID`: [`CLUSTER_ID`], or [`cluster_id_for`] a token.
+    pub cluster_id: u64,
     /// How to recognise the application's proposals and snapshots, so that the raft port
     /// refuses ones it could never apply (see [`guard`]). Accepts anything by default.
     pub payload_checks: PayloadChecks,
@@ -97,6 +107,7 @@ impl Config {
             snapshot_catchup_entries: DEFAULT_SNAPSHOT_CATCHUP_ENTRIES,
             tick_interval: Duration::from_millis(100),
             raft_server_limits: crate::http_server::Limits::default(),
+            cluster_id: CLUSTER_ID,
             payload_checks: PayloadChecks::default(),
         }
     }
@@ -351,7 +362,7 @@ pub async fn start(
     let transport = Transport::new(
         TransportConfig {
             id: cfg.id,
-            cluster_id: CLUSTER_ID,
+            cluster_id: cfg.cluster_id,
         },
         handle,
     );

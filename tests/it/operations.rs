@@ -206,6 +206,7 @@ async fn every_flag_is_honoured() {
         "--snapshot-count",
         "--snapshot-catchup-entries",
         "--request-timeout",
+        "--cluster-token",
         "--log-format",
     ] {
         assert!(help.contains(flag), "--help documents {flag}");

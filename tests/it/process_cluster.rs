@@ -299,3 +299,19 @@ async fn forged_raft_messages_are_refused_and_never_reach_the_wal() {
         .expect("GET");
     assert_eq!(r.status, 404, "no forged key");
 }
+
+/// A cluster started with `--cluster-token` works as any other, and refuses peers that send
+/// raftexample's default cluster id (a node of another cluster, pointed at the wrong port).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_token_keeps_other_clusters_out() {
+    use raft::eraftpb::{Message, MessageType};
+    let mut c = ProcessCluster::start(3, &["--cluster-token", "blue"]);
+    put(&mut c, 2, "/k", "v").await;
+    wait_everywhere(&mut c, "/k", "v").await;
+    let mut hb = Message::default();
+    hb.set_msg_type(MessageType::MsgHeartbeat);
+    (hb.to, hb.from, hb.term) = (1, 2, 1);
+    let r = post_raft(&c.peers[0], &hb).await;
+    assert_eq!(r.status, 412, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(&r.body[..], b"cluster ID mismatch\n");
+}
