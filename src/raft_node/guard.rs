@@ -2,8 +2,9 @@
 //!
 //! raft-rs trusts its peers. It panics (`fatal!`) on messages a correct peer never sends, and
 //! a follower stores whatever entries its leader appends. The raft port, though, answers anyone
-//! who sends the right cluster id, and every raftexample cluster uses the same one (`1000`): a
-//! node of another cluster pointed at the wrong port, a buggy peer or a fuzzer can reach it.
+//! who sends the right cluster id, and every raftexample cluster started without
+//! `--cluster-token` uses the same one (`1000`): a node of another cluster pointed at the wrong
+//! port, a buggy peer or a fuzzer can reach it.
 //! Without these checks one such message could crash the node, or worse, append an entry this
 //! program cannot apply. That entry reaches the WAL, so every restart stops at it again: the
 //! node is bricked until someone edits its log by hand.
