@@ -11,8 +11,9 @@ use std::path::PathBuf;
 /// but only as a *new* member: the old log must not be trusted.
 pub const RECOVERY_HINT: &str = "the log cannot be trusted past this point; \
 to recover, restore this member from its peers: stop it, move the data directory \
-(WAL and snapshots) aside, remove the member from the cluster and re-add it \
-(or restore the directory from a backup)";
+(WAL and snapshots) aside, remove the member from the cluster and add a new one in its place \
+(see the README, \"When a node refuses to start\"); a one-member cluster can only be \
+restored from a backup";
 
 /// Errors of the WAL.
 #[derive(Debug, thiserror::Error)]
