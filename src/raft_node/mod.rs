@@ -63,6 +63,7 @@ pub fn cluster_id_for(token: &str) -> u64 {
     let hi = u64::from(crc32c::crc32c_append(0x5241_4654, token.as_bytes())); // "RAFT"
     ((hi << 32) | lo).max(CLUSTER_ID + 1)
 }
+
 /// Take a snapshot once this many entries were applied since the last one (Go: `defaultSnapshotCount`).
 pub const DEFAULT_SNAPSHOT_COUNT: u64 = 10_000;
 /// Entries kept in memory after a snapshot so slow followers catch up from the log rather than
@@ -266,12 +267,15 @@ struct NodeHandle {
     checks: PayloadChecks,
 }
 
+/// Records a message the guard refused, and the transport's answer to it.
+fn refuse(m: &Message, reason: String) -> ProcessError {
+    guard::refused(m, &reason);
+    ProcessError::Invalid(reason)
+}
+
 impl rafthttp::Raft for NodeHandle {
     fn check(&self, m: &Message) -> Result<(), ProcessError> {
-        guard::check_message(m, self.id, &self.checks).map_err(|reason| {
-            guard::refused(m, &reason);
-            ProcessError::Invalid(reason)
-        })
+        guard::check_message(m, self.id, &self.checks).map_err(|reason| refuse(m, reason))
     }
 
     fn process(&self, m: Message) -> futures::future::BoxFuture<'static, Result<(), ProcessError>> {
@@ -293,10 +297,7 @@ impl rafthttp::Raft for NodeHandle {
                 })
                 .await
                 .map_err(|_| ProcessError::Stopped)?;
-                checked.map_err(|reason| {
-                    guard::refused(&m, &reason);
-                    ProcessError::Invalid(reason)
-                })?;
+                checked.map_err(|reason| refuse(&m, reason))?;
                 m
             } else {
                 m

@@ -187,27 +187,27 @@ pub fn decode_all(dec: &mut dyn Decoder, bytes: &[u8]) -> Result<Vec<Message>, C
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::rafthttp::codec_test_util::arb_message;
+    use crate::rafthttp::util::is_link_heartbeat;
+    use proptest::prelude::*;
+
     #[test]
     fn a_claimed_frame_length_reserves_a_bounded_amount() {
-        let mut buf = super::BytesMut::from(&b"12345678"[..]);
-        super::reserve_for_frame(&mut buf, 512 * 1024 * 1024);
+        let mut buf = BytesMut::from(&b"12345678"[..]);
+        reserve_for_frame(&mut buf, 512 * 1024 * 1024);
         assert!(
-            buf.capacity() <= 8 + super::MAX_RESERVE_AHEAD,
+            buf.capacity() <= 8 + MAX_RESERVE_AHEAD,
             "{}",
             buf.capacity()
         );
-        let mut small = super::BytesMut::new();
-        super::reserve_for_frame(&mut small, 100_000);
+        let mut small = BytesMut::new();
+        reserve_for_frame(&mut small, 100_000);
         assert!(
             small.capacity() >= 100_000,
             "a real frame gets its room at once"
         );
     }
-
-    use super::*;
-    use crate::rafthttp::codec_test_util::arb_message;
-    use crate::rafthttp::util::is_link_heartbeat;
-    use proptest::prelude::*;
 
     /// etcd v3.4.23's link heartbeat frame, as Go's gogo proto2 encoder writes it.
     const GO_HEARTBEAT_FRAME: [u8; 38] = [

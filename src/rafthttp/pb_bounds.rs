@@ -25,6 +25,12 @@ pub const MAX_FIELDS: u64 = 1 << 20;
 /// The most bytes of snapshot configuration (member ids) one message may carry.
 pub const MAX_CONF_STATE_BYTES: u64 = 64 * 1024;
 
+// Field numbers in eraftpb.proto.
+const MESSAGE_ENTRIES: u64 = 7;
+const MESSAGE_SNAPSHOT: u64 = 9;
+const SNAPSHOT_METADATA: u64 = 2;
+const METADATA_CONF_STATE: u64 = 1;
+
 /// The messages whose fields the scan walks into (the ones decoding builds structs for; bytes
 /// fields are shared with the receive buffer, not copied).
 #[derive(Clone, Copy)]
@@ -67,7 +73,7 @@ impl Budget {
     ///
     /// As [`Budget::message`].
     pub fn entry(&mut self, pb: &Bytes) -> Result<Entry, CodecError> {
-        self.add(Kind::Message, 7)?;
+        self.add(Kind::Message, MESSAGE_ENTRIES)?;
         self.scan(pb, Kind::Entry)?;
         Ok(Entry::parse_from_carllerche_bytes(pb)?)
     }
@@ -78,10 +84,14 @@ impl Budget {
             let (number, payload) = field?;
             self.add(kind, number)?;
             match (kind, number, payload) {
-                (Kind::Message, 7, Some(entry)) => self.scan(entry, Kind::Entry)?,
-                (Kind::Message, 9, Some(snapshot)) => self.scan(snapshot, Kind::Snapshot)?,
-                (Kind::Snapshot, 2, Some(meta)) => self.scan(meta, Kind::SnapshotMetadata)?,
-                (Kind::SnapshotMetadata, 1, Some(conf_state)) => {
+                (Kind::Message, MESSAGE_ENTRIES, Some(entry)) => self.scan(entry, Kind::Entry)?,
+                (Kind::Message, MESSAGE_SNAPSHOT, Some(snapshot)) => {
+                    self.scan(snapshot, Kind::Snapshot)?
+                }
+                (Kind::Snapshot, SNAPSHOT_METADATA, Some(meta)) => {
+                    self.scan(meta, Kind::SnapshotMetadata)?
+                }
+                (Kind::SnapshotMetadata, METADATA_CONF_STATE, Some(conf_state)) => {
                     self.conf_state_bytes += conf_state.len() as u64;
                     over(
                         "bytes of configuration",
@@ -99,7 +109,7 @@ impl Budget {
     fn add(&mut self, kind: Kind, number: u64) -> Result<(), CodecError> {
         self.fields += 1;
         over("fields", self.fields, MAX_FIELDS)?;
-        if matches!(kind, Kind::Message) && number == 7 {
+        if matches!(kind, Kind::Message) && number == MESSAGE_ENTRIES {
             self.entries += 1;
             check_entries(self.entries)?;
         }
